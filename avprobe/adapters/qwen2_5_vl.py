@@ -1,0 +1,57 @@
+"""Qwen2.5-VL: the vision-only base of Qwen2.5-Omni, for the base-model shift analysis."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from avprobe.adapters.base import ModelAdapter, ModelInputs
+from avprobe.types import Role
+
+
+class QwenVLAdapter(ModelAdapter):
+    family: ClassVar[str] = "qwen2_5_vl"
+    architectures: ClassVar[tuple[str, ...]] = ("Qwen2_5_VLForConditionalGeneration",)
+    has_audio: ClassVar[bool] = False
+    vision_defaults = {"min_pixels": 128 * 28 * 28, "max_pixels": 768 * 28 * 28}
+
+    def media_segments(self, n_video: int, n_audio: int, video_times: np.ndarray) -> list[int]:
+        if not n_video:
+            raise ValueError(f"{self.name} is vision-only: the sample has no video frames")
+        return [self.special("vision_start")] + [self.special("video")] * n_video + [self.special("vision_end")]
+
+    def _video_time_kwargs(self, second_per_grid: float) -> dict[str, Any]:
+        return {"second_per_grid_ts": torch.tensor([second_per_grid])}
+
+    def _forward_flags(self) -> dict[str, Any]:
+        return {}
+
+    def build_inputs(self, media, query, answer=None) -> ModelInputs:
+        mi = super().build_inputs(media, query, answer)
+        # Without mm_token_type_ids VL silently falls back to 1-D positions.
+        mi.inputs["mm_token_type_ids"] = self._token_types(mi.roles)[None]
+        mi.positions = self.compute_positions(mi)
+        return mi
+
+    @staticmethod
+    def _token_types(roles: torch.Tensor) -> torch.Tensor:
+        tt = torch.zeros_like(roles)
+        tt[roles == int(Role.IMAGE)] = 1
+        tt[roles == int(Role.VIDEO)] = 2
+        return tt
+
+    def compute_positions(self, mi: ModelInputs) -> torch.Tensor:
+        inp = mi.inputs
+        if "mm_token_type_ids" not in inp:
+            inp["mm_token_type_ids"] = self._token_types(mi.roles)[None]
+        with torch.no_grad():
+            pos, _ = self.model.model.get_rope_index(
+                inp["input_ids"],
+                mm_token_type_ids=inp["mm_token_type_ids"],
+                video_grid_thw=inp.get("video_grid_thw"),
+                second_per_grid_ts=inp.get("second_per_grid_ts"),
+                attention_mask=inp["attention_mask"],
+            )
+        return pos

@@ -1,0 +1,182 @@
+"""Adapter registry: `config.architectures[0]` -> adapter class, plus short model aliases.
+
+    load("qwen2.5-omni-3b")           # HF id, from the local HF cache (no download here)
+    load("/data/Qwen2.5-Omni-7B")     # a local directory
+    load("organism")                  # the built-in model organism
+
+A new model family is one new adapter file plus `register_adapter(MyAdapter)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avprobe.adapters.base import AdapterSettings, ModelAdapter
+from avprobe.adapters.qwen2_5_omni import OmniThinkerAdapter
+from avprobe.adapters.qwen2_5_vl import QwenVLAdapter
+from avprobe.adapters.qwen3_omni import Qwen3OmniThinkerAdapter
+
+log = logging.getLogger(__name__)
+
+ORGANISM_DIR = Path(__file__).resolve().parent.parent / "organism" / "models"
+ORGANISMS = ("organism", "organism-control", "organism-base")
+
+_QWEN_OMNI_SYSTEM = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+
+
+@dataclass(frozen=True)
+class Alias:
+    hf_id: str
+    settings: AdapterSettings
+
+
+ALIASES: dict[str, Alias] = {
+    "qwen2.5-omni-3b": Alias(
+        "Qwen/Qwen2.5-Omni-3B", AdapterSettings(system_prompt=_QWEN_OMNI_SYSTEM, base_model="qwen2.5-vl-3b")
+    ),
+    "qwen2.5-omni-7b": Alias(
+        "Qwen/Qwen2.5-Omni-7B", AdapterSettings(system_prompt=_QWEN_OMNI_SYSTEM, base_model="qwen2.5-vl-7b")
+    ),
+    "qwen3-omni": Alias(
+        "Qwen/Qwen3-Omni-30B-A3B-Instruct", AdapterSettings(system_prompt=None, base_model=None)
+    ),
+    "qwen2.5-vl-3b": Alias("Qwen/Qwen2.5-VL-3B-Instruct", AdapterSettings(use_audio_in_video=False)),
+    "qwen2.5-vl-7b": Alias("Qwen/Qwen2.5-VL-7B-Instruct", AdapterSettings(use_audio_in_video=False)),
+}
+ALIASES["qwen2.5-omni"] = ALIASES["qwen2.5-omni-3b"]  # the paper's representative model
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Register an adapter class for each architecture name it declares."""
+    for arch in cls.architectures:
+        _ADAPTERS[arch] = cls
+    return cls
+
+
+for _cls in (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter):
+    register_adapter(_cls)
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def adapter_class(architecture: str) -> type[ModelAdapter]:
+    try:
+        return _ADAPTERS[architecture]
+    except KeyError:
+        supported = ", ".join(sorted(_ADAPTERS))
+        raise UnsupportedModel(
+            f"no avprobe adapter for architecture {architecture!r}. Supported: {supported}. "
+            "To add one, subclass avprobe.adapters.base.ModelAdapter (fill `architectures`, `paths`, "
+            "`media_segments`, `compute_positions`) and call avprobe.adapters.register_adapter(YourAdapter)."
+        ) from None
+
+
+def resolve(name_or_path: str) -> tuple[str, AdapterSettings | None, str]:
+    """-> (path or HF id, alias settings or None, display name)."""
+    if name_or_path in ORGANISMS:
+        return str(ORGANISM_DIR / name_or_path), None, name_or_path
+    if name_or_path in ALIASES:
+        a = ALIASES[name_or_path]
+        return a.hf_id, a.settings, name_or_path
+    return name_or_path, None, name_or_path
+
+
+def _read_settings(path: Path) -> AdapterSettings | None:
+    f = path / "avprobe.json"
+    if not f.is_file():
+        return None
+    try:
+        return AdapterSettings.from_dict(json.loads(f.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{f}: invalid adapter settings ({exc}); fix or delete the file") from exc
+
+
+def _revision(path: Path | None, config: Any) -> str:
+    """A stable id of the weights: the HF commit when known, else a hash of the weight files."""
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    if path is not None and path.is_dir():
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}".encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+        return "local-" + h.hexdigest()[:12]
+    return "unknown"
+
+
+def load(
+    name_or_path: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = "auto",
+    settings: AdapterSettings | None = None,
+    local_files_only: bool = True,
+) -> ModelAdapter:
+    """Load a model and wrap it in its adapter.
+
+    `local_files_only=True` by default: avprobe never downloads silently; pass False (or
+    `--allow-download` in the CLI) on a machine that may reach the hub.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    target, alias_settings, display = resolve(name_or_path)
+    path = Path(target) if Path(target).exists() else None
+    if name_or_path in ORGANISMS and path is None:
+        raise FileNotFoundError(
+            f"organism {name_or_path!r} not found at {target}; train it with "
+            f"`avprobe organism train --variant {name_or_path.removeprefix('organism-') or 'organism'}`"
+        )
+    try:
+        config = AutoConfig.from_pretrained(target, local_files_only=local_files_only)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r} ({target}): not a local directory and not in the local "
+            f"HF cache. Download it first (`huggingface-cli download {target}`) or pass --model-path DIR. "
+            f"({exc})"
+        ) from exc
+    arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    cls = adapter_class(arch)
+    settings = settings or (path and _read_settings(path)) or alias_settings or AdapterSettings()
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    model = _load_model(arch, target, dtype, local_files_only)
+    model.eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local_files_only)
+    return cls(model, tokenizer, settings, name=display, revision=_revision(path, config))
+
+
+def _load_model(arch: str, target: str, dtype: Any, local_files_only: bool) -> torch.nn.Module:
+    import transformers
+
+    kw = {"dtype": dtype, "local_files_only": local_files_only}
+    if arch in ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel"):
+        full = transformers.Qwen2_5OmniForConditionalGeneration.from_pretrained(target, **kw)
+        full.disable_talker()
+        return full.thinker
+    if arch == "Qwen3OmniMoeForConditionalGeneration":
+        full = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(target, **kw)
+        if hasattr(full, "disable_talker"):
+            full.disable_talker()
+        return full.thinker
+    return getattr(transformers, arch).from_pretrained(target, **kw)
+
+
+def supported() -> list[str]:
+    return sorted(_ADAPTERS)

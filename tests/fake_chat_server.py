@@ -46,6 +46,7 @@ class RequestRecord:
     status: int  # what the server answered; 0 for a hang
     candidate: str
     reference: str
+    authorization: str = ""  # the Authorization header sent, "" if none
 
 
 _PAIR = re.compile(r"Reference:\s*(.*)\nCandidate:\s*(.*)", re.DOTALL)
@@ -164,10 +165,10 @@ class FakeChatServer:
             return planned.content
         return self.reply(body or {}) if callable(self.reply) else self.reply
 
-    def _record(self, index: int, body: dict[str, Any] | None, status: int) -> None:
+    def _record(self, index: int, body: dict[str, Any] | None, status: int, authorization: str = "") -> None:
         reference, candidate = request_pair(body)
         with self._lock:
-            self.records.append(RequestRecord(index, body, status, candidate, reference))
+            self.records.append(RequestRecord(index, body, status, candidate, reference, authorization))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -204,17 +205,18 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 body = None
             index, planned = fake._plan(body)
+            auth = self.headers.get("Authorization") or ""
             if not self.path.rstrip("/").endswith("/chat/completions"):
-                fake._record(index, body, 404)
+                fake._record(index, body, 404, auth)
                 self._send(404, b'{"error": "not found"}')
                 return
             if planned.hang:
-                fake._record(index, body, 0)
+                fake._record(index, body, 0, auth)
                 fake._stop.wait(fake.hang_s)
                 return
             if planned.delay:
                 fake._stop.wait(planned.delay)
-            fake._record(index, body, planned.status)
+            fake._record(index, body, planned.status, auth)
             if planned.body is not None:
                 self._send(planned.status, planned.body, planned.headers)
                 return
@@ -241,3 +243,28 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with fake._lock:
                 fake.in_flight -= 1
+
+
+class DictCache:
+    """In-memory stand-in for the result store's JSON API (the `JudgeCache` protocol)."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, str], dict] = {}
+        self.gets = 0
+        self.puts = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(namespace: str, parts: Any) -> tuple[str, str]:
+        return namespace, json.dumps(parts, sort_keys=True)
+
+    def get_json(self, namespace: str, parts: Any) -> dict | None:
+        with self._lock:
+            self.gets += 1
+            value = self.data.get(self._key(namespace, parts))
+            return None if value is None else json.loads(json.dumps(value))
+
+    def put_json(self, namespace: str, parts: Any, value: dict) -> None:
+        with self._lock:
+            self.puts += 1
+            self.data[self._key(namespace, parts)] = json.loads(json.dumps(value))

@@ -161,3 +161,16 @@ def corrupt(path: str | Path, seed: int = 0) -> Path:
     data[lo:hi] = rng.integers(0, 256, hi - lo, dtype=np.uint8).tobytes()
     path.write_bytes(bytes(data))
     return path
+
+
+def make_empty(path: str | Path, kind: str = "video") -> Path:
+    """A valid container header with a stream but no frames (a zero-length clip)."""
+    path = Path(path)
+    with av.open(str(path), "w") as container:
+        if kind == "video":
+            s = container.add_stream("libx264", rate=10)
+            s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        else:
+            container.add_stream("pcm_s16le", rate=16_000)
+        container.start_encoding()  # writes the header even though no frame follows
+    return path

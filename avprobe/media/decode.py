@@ -88,7 +88,13 @@ def sample_indices(
     return np.floor(np.arange(n) * (total_frames / n)).astype(np.int64)
 
 
+def _no_streams(container, path: Path) -> None:
+    if not container.streams:
+        raise MediaError(path, "no audio or video streams: an empty (zero-length) clip")
+
+
 def _video_stream(container, path: Path):
+    _no_streams(container, path)
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams})
         hint = " (an audio-only file: put it in the `audio` column instead)" if "audio" in kinds else ""
@@ -211,6 +217,7 @@ def decode_audio(
     """
     path = Path(path)
     with _open(path) as c:
+        _no_streams(c, path)
         if not c.streams.audio:
             kinds = sorted({s.type for s in c.streams})
             raise MediaError(path, f"no audio track; streams found: {kinds or 'none'}")

@@ -372,3 +372,19 @@ class ModelAdapter:
             "n_layers": self.n_layers,
             "settings": self.settings.__dict__,
         }
+
+
+def extend_inputs(adapter: ModelAdapter, mi: ModelInputs, ids: list[int]) -> ModelInputs:
+    """Append token ids (e.g. a caption to teacher-force) to a prompt; positions recomputed
+    the model's own way. `prompt_len` is unchanged."""
+    extra = torch.tensor([ids], dtype=mi.input_ids.dtype)
+    inputs = dict(mi.inputs)
+    inputs["input_ids"] = torch.cat([mi.input_ids, extra], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+    roles = torch.cat([mi.roles, torch.full((len(ids),), int(Role.GENERATED))])
+    times = torch.cat([mi.times, torch.full((len(ids),), float("nan"))])
+    out = ModelInputs(inputs=inputs, roles=roles, times=times, positions=torch.zeros(0), prompt_len=mi.prompt_len)
+    out.positions = adapter.compute_positions(out)
+    return out

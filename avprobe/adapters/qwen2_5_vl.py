@@ -55,3 +55,37 @@ class QwenVLAdapter(ModelAdapter):
                 attention_mask=inp["attention_mask"],
             )
         return pos
+
+
+def vl_state_dict_from_thinker(thinker_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen2.5-Omni thinker weights -> Qwen2.5-VL names: drop the audio tower and fuse the
+    vision attention's separate q/k/v into VL's `attn.qkv`."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in thinker_sd.items():
+        if k.startswith("model.audio_tower."):
+            continue
+        if ".attn.q." in k and k.startswith("model.visual."):
+            suffix = k.rsplit(".", 1)[1]
+            stem = k[: k.index(".attn.q.")]
+            out[f"{stem}.attn.qkv.{suffix}"] = torch.cat(
+                [thinker_sd[f"{stem}.attn.{n}.{suffix}"] for n in ("q", "k", "v")], dim=0
+            )
+            continue
+        if any(f".attn.{n}." in k for n in ("k", "v")) and k.startswith("model.visual."):
+            continue
+        out[k] = v
+    return out
+
+
+def thinker_state_dict_from_vl(vl_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen2.5-VL weights -> thinker names (the inverse of `vl_state_dict_from_thinker`;
+    the thinker's audio tower is not covered)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in vl_sd.items():
+        if ".attn.qkv." in k and k.startswith("model.visual."):
+            stem, suffix = k[: k.index(".attn.qkv.")], k.rsplit(".", 1)[1]
+            for n, part in zip(("q", "k", "v"), v.chunk(3, dim=0)):
+                out[f"{stem}.attn.{n}.{suffix}"] = part.clone()
+            continue
+        out[k] = v
+    return out

@@ -87,6 +87,7 @@ def make_audio(
     One channel per entry of `freqs` (1 -> mono, 2 -> stereo, 6 -> 5.1).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fmt, codec, sample_fmt = _AUDIO_FORMATS[path.suffix.lower()]
     layout = _LAYOUTS[len(freqs)]
     if codec == "libopus":
@@ -115,6 +116,7 @@ def make_video(
     Odd sizes are written in yuv444p (4:2:0 needs even dimensions).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     h, w = size
     n_frames = int(round(seconds * fps))
     options = {"movflags": "+faststart"} if faststart else {}

@@ -9,7 +9,8 @@ Conventions shared by all tests:
 - NaN means *unscored* (e.g. a judge reply that could not be parsed): NaN values (or pairs
   with a NaN on either side) are excluded and counted in ``details["n_nan"]``; never 0.
 - Confidence intervals are percentile bootstrap intervals at level ``1 - alpha`` (two-sided),
-  deterministic given `seed`.
+  deterministic given `seed` (TOST uses ``1 - 2 alpha``, the interval equivalence maps to;
+  proportions use Wilson / Clopper-Pearson).
 - The p-value tests "no effect" (difference 0, or the stated fixed value for one-sample and
   proportion tests). A directional result *passes* when the p-value is below `alpha` **and**
   the CI lies beyond the threshold on the side of the alternative (for "greater": the CI's

@@ -24,8 +24,9 @@ EmbedFn = Callable[[Sequence[str]], np.ndarray]
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 _SENTENCE = re.compile(r"(?<=[.!?;])\s+|\s+\.(?:\s+|$)|\n+")
 # Words that mark a sentence as being about sound. Deliberately small: this is a baseline.
+_HEARING = re.compile(r"\b(hear|hears|heard|hearing|listen\w*)\b", re.IGNORECASE)
 _SOUND_CUES = re.compile(
-    r"\b(hear|hears|heard|hearing|listen\w*|sound\w*|audio|audible|noise\w*|noisy|voice\w*|"
+    r"\b(sound\w*|audio|audible|noise\w*|noisy|voice\w*|"
     r"speech|speak\w*|talk\w*|says?|said|shout\w*|scream\w*|yell\w*|whisper\w*|music\w*|"
     r"sing\w*|song\w*|melod\w*|bark\w*|meow\w*|chirp\w*|tweet\w*|honk\w*|beep\w*|buzz\w*|"
     r"hum|hums|humming|roar\w*|rumbl\w*|ring|rings|ringing|siren\w*|whistl\w*|applau\w*|"
@@ -45,9 +46,15 @@ def modality_sentences(text: str, modality: str) -> list[str]:
     """The caption's sentences about sound (audio) or about what is seen (video)."""
     out = []
     for sentence in split_sentences(text):
-        sound = bool(_SOUND_CUES.search(sentence))
-        sight = bool(_SIGHT_CUES.search(sentence))
-        if (modality == "audio" and sound) or (modality == "video" and (sight or not sound)):
+        hearing = bool(_HEARING.search(sentence))
+        seeing = bool(_SIGHT_CUES.search(sentence))
+        if hearing or seeing:
+            # An explicit verb decides: "i see a siren" is about sight despite "siren".
+            sound, sight = hearing, seeing
+        else:
+            sound = bool(_SOUND_CUES.search(sentence))
+            sight = not sound
+        if (modality == "audio" and sound) or (modality == "video" and sight):
             out.append(sentence)
     return out
 

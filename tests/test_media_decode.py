@@ -287,3 +287,38 @@ def test_inputs_match_upstream_qwen_processor(tmp_path):
     diff = (ref["pixel_values_videos"].float() - ours).abs()
     # upstream resizes uint8 frames (rounding to whole levels), we resize in float: < 2 levels
     assert float(diff.mean()) < 0.01 and float(diff.max()) < 2.5 / 255 / min(processing.CLIP_STD)
+
+
+def _cached_omni_processor():
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision not installed: the upstream Qwen processors need it (run on a GPU box)")
+    from transformers import Qwen2_5OmniProcessor
+
+    try:
+        return Qwen2_5OmniProcessor.from_pretrained("Qwen/Qwen2.5-Omni-3B", local_files_only=True)
+    except OSError:
+        pytest.skip("Qwen/Qwen2.5-Omni-3B processor files are not in the local HF cache")
+
+
+def test_inputs_match_qwen2_5_omni_processor(tmp_path):
+    """Full Qwen2_5OmniProcessor (needs its files in the HF cache): video and audio inputs."""
+    proc = _cached_omni_processor()
+    clip = make_video(tmp_path / "clip.mp4", seconds=4.0, fps=25, size=(360, 640), audio_rate=44_100)
+    spec = processing.VisionSpec()
+    media = load_media(Sample("c", video=str(clip), audio_captions=("x",)), fps=spec.fps)
+    pixels, grid = processing.patchify_video(media.frames, spec)
+    feats, mask = processing.audio_features(media.waveform, n_mels=proc.feature_extractor.feature_size)
+    ref = proc(
+        text=[f"{proc.video_token}{proc.audio_token}"],
+        videos=[str(clip)],
+        audio=[media.waveform],
+        videos_kwargs={"fps": spec.fps, "do_sample_frames": True},
+        return_tensors="pt",
+    )
+    assert ref["video_grid_thw"].tolist() == grid.tolist()
+    diff = (ref["pixel_values_videos"].float() - pixels).abs()
+    assert float(diff.mean()) < 0.01 and float(diff.max()) < 2.5 / 255 / min(processing.CLIP_STD)
+    n = int(ref["feature_attention_mask"].sum())
+    assert n == mask.shape[1]
+    np.testing.assert_allclose(ref["input_features"][0, :, :n].numpy(), feats[0].numpy(), atol=1e-4)
+    assert float(ref["video_second_per_grid"][0]) == pytest.approx(spec.temporal_patch_size / media.fps)

@@ -169,13 +169,14 @@ def cmd_validate(args) -> int:
 
     from avprobe.media.decode import load_many
     from avprobe.media.manifest import read_manifest
+    from avprobe.types import SampleError
 
     res = read_manifest(args.manifest, check_files=True)
     errors = list(res.errors)
     counts = Counter()
     if args.decode:
         for _, out in load_many(res.samples, args.fps, args.max_frames, counts=counts):
-            if not hasattr(out, "frames"):
+            if isinstance(out, SampleError):
                 errors.append(out)
     con = _console()
     t = Table(title=str(args.manifest))

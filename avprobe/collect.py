@@ -115,10 +115,11 @@ class SampleRecord:
         raise KeyError(key)
 
 
-def record_parts(adapter: ModelAdapter, sample: Sample, query: str, protocol: Protocol) -> dict[str, Any]:
+def record_parts(model: Any, sample: Sample, query: str, protocol: Protocol) -> dict[str, Any]:
+    """Store key parts; `model` is a ModelAdapter or a ModelRef (both have name, revision)."""
     return {
-        "model": adapter.name,
-        "revision": adapter.revision,
+        "model": model.name,
+        "revision": model.revision,
         "sample": sample.content_hash(),
         "query": query,
         "protocol": protocol.key(),
@@ -144,7 +145,6 @@ def compute_record(
     query: str,
     protocol: Protocol,
     base: ModelAdapter | None = None,
-    concept_ids: tuple[int, ...] = (),
 ) -> SampleRecord:
     """Run the engine (and the base-model shift) for one sample and one query."""
     from avprobe.engine import EngineConfig, run
@@ -153,7 +153,7 @@ def compute_record(
     mi = adapter.build_inputs(media, query)
     L = adapter.n_layers
     conds = protocol.conditions(L, sight_rule(adapter) if protocol.own_words else None)
-    lens = LensConfig(top_k=protocol.lens_top_k, use_norm=protocol.lens_norm, concept_ids=concept_ids)
+    lens = LensConfig(top_k=protocol.lens_top_k, use_norm=protocol.lens_norm)
     do_shift = protocol.shift and base is not None and media.frames is not None
     res = run(
         adapter, mi, conds,
@@ -179,10 +179,7 @@ def compute_record(
         # Smallest integer type that holds the vocabulary: records of the organisms are committed.
         ids = res.lens.top_ids
         arrays["lens_top_ids"] = ids.astype(np.min_scalar_type(int(ids.max()))) if ids.size else ids  # [L, A, k]
-        if res.lens.concept_ids:
-            # mean over audio positions: [L, C]
-            arrays["lens_concept_probs"] = res.lens.concept_probs.mean(1).astype(np.float32)
-        lens_meta = {"use_norm": res.lens.use_norm, "top_k": protocol.lens_top_k, "concept_ids": list(concept_ids)}
+        lens_meta = {"use_norm": res.lens.use_norm, "top_k": protocol.lens_top_k}
         vocab_ids.update(np.unique(res.lens.top_ids).tolist())
     shift_meta = None
     if do_shift:
@@ -249,39 +246,51 @@ def default_media_loader(adapter: ModelAdapter) -> MediaLoader:
 
 
 def collect(
-    adapter: ModelAdapter,
+    model: Any,
     samples: Iterable[Sample],
     store: Store,
     protocol: Protocol = Protocol(),
-    base: ModelAdapter | None = None,
+    get_adapter: Callable[[], ModelAdapter] | None = None,
+    get_base: Callable[[], ModelAdapter | None] | None = None,
     media_loader: MediaLoader | None = None,
     refresh: bool = False,
-    concept_ids: tuple[int, ...] = (),
     on_progress: Callable[[Sample, str], None] | None = None,
 ) -> Iterator[SampleRecord | SampleError]:
     """Yield one record per (sample, query), from the store or computed and stored.
 
-    A sample whose media cannot be decoded or whose run fails yields a `SampleError` (the
-    caller counts and reports it) and the run goes on. Records are yielded, not kept, so
-    memory stays bounded over any number of samples.
+    `model` is a ModelAdapter, or a ModelRef plus `get_adapter` to load it on the first cache
+    miss (a fully cached run never loads weights). In a read-only store a miss raises
+    `CacheMiss` naming what is missing. A sample whose media cannot be decoded or whose run
+    fails yields a `SampleError` (the caller counts and reports it) and the run goes on.
+    Records are yielded, not kept, so memory stays bounded over any number of samples.
     """
-    loader = media_loader or default_media_loader(adapter)
-    ns = f"{_slug(adapter.name)}/{NAMESPACE}"
+    adapter = model if isinstance(model, ModelAdapter) else None
+    base = None
+    base_loaded = False
+    ns = f"{_slug(model.name)}/{NAMESPACE}"
     for sample in samples:
         media = None
         for query in _queries_for(sample, protocol):
-            parts = record_parts(adapter, sample, query, protocol)
+            parts = record_parts(model, sample, query, protocol)
             if not refresh:
-                rec = store.get(ns, parts) if not store.readonly else store.require(ns, parts)
+                rec = store.require(ns, parts) if store.readonly else store.get(ns, parts)
                 if rec is not None:
                     if on_progress:
                         on_progress(sample, "cached")
                     yield SampleRecord(rec.meta, dict(rec.arrays))
                     continue
+            if adapter is None:
+                if get_adapter is None:
+                    raise ValueError("collect needs get_adapter to compute missing records of a ModelRef")
+                adapter = get_adapter()
+            if not base_loaded:
+                base = get_base() if get_base is not None else None
+                base_loaded = True
+            loader = media_loader or default_media_loader(adapter)
             try:
                 if media is None:
                     media = loader(sample)
-                record = compute_record(adapter, sample, media, query, protocol, base, concept_ids)
+                record = compute_record(adapter, sample, media, query, protocol, base)
             except Exception as exc:  # noqa: BLE001 - one bad sample must not end the run
                 err = SampleError(sample.id, "engine" if media is not None else "decode",
                                   sample.video or sample.audio, f"{type(exc).__name__}: {exc}")

@@ -41,6 +41,7 @@ class AdapterSettings:
     base_model: str | None = None  # the vision-only base for the shift analysis
     judge: str | None = None  # the default fidelity judge for this model
     seconds_per_chunk: float = 2.0  # audio-in-video interleaving chunk (Qwen2.5-Omni)
+    queries: tuple[str, ...] | None = None  # prompts to run (None: "describe what you see and hear")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterSettings:
@@ -48,7 +49,10 @@ class AdapterSettings:
         unknown = set(d) - known - {"family"}
         if unknown:
             log.warning("ignoring unknown adapter settings: %s", sorted(unknown))
-        return cls(**{k: v for k, v in d.items() if k in known})
+        kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("queries") is not None:
+            kw["queries"] = tuple(kw["queries"])
+        return cls(**kw)
 
 
 @dataclass

@@ -122,6 +122,59 @@ def _revision(path: Path | None, config: Any) -> str:
     return "unknown"
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A model known by name, revision and settings, without loading its weights: enough to
+    address cached results, so a fully cached run never loads the model."""
+
+    name: str
+    target: str
+    revision: str
+    settings: AdapterSettings
+    n_layers: int
+    architecture: str
+
+    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype | str = "auto",
+             local_files_only: bool = True) -> ModelAdapter:
+        adapter = load(self.target, device=device, dtype=dtype, settings=self.settings,
+                       local_files_only=local_files_only)
+        adapter.name = self.name
+        return adapter
+
+
+def _config(name_or_path: str, local_files_only: bool) -> tuple[str, AdapterSettings | None, str, Path | None, Any]:
+    from transformers import AutoConfig
+
+    target, alias_settings, display = resolve(name_or_path)
+    path = Path(target) if Path(target).exists() else None
+    if name_or_path in ORGANISMS and path is None:
+        raise FileNotFoundError(
+            f"organism {name_or_path!r} not found at {target}; train it with "
+            f"`avprobe organism train --variant {name_or_path.removeprefix('organism-') if '-' in name_or_path else 'organism'}`"
+        )
+    try:
+        config = AutoConfig.from_pretrained(target, local_files_only=local_files_only)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r} ({target}): not a local directory and not in the local "
+            f"HF cache. Download it first (`huggingface-cli download {target}`) or pass --model-path DIR. "
+            f"({exc})"
+        ) from exc
+    return target, alias_settings, display, path, config
+
+
+def ref(name_or_path: str, settings: AdapterSettings | None = None, local_files_only: bool = True) -> ModelRef:
+    """Resolve a model name to a `ModelRef` (reads only its config)."""
+    target, alias_settings, display, path, config = _config(name_or_path, local_files_only)
+    arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    adapter_class(arch)  # fail early, with the list of supported architectures
+    settings = settings or (path and _read_settings(path)) or alias_settings or AdapterSettings()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if arch in ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel", "Qwen3OmniMoeForConditionalGeneration"):
+        text = config.thinker_config.get_text_config()
+    return ModelRef(display, target, _revision(path, config), settings, int(text.num_hidden_layers), arch)
+
+
 def load(
     name_or_path: str,
     device: str | torch.device = "cpu",
@@ -134,23 +187,9 @@ def load(
     `local_files_only=True` by default: avprobe never downloads silently; pass False (or
     `--allow-download` in the CLI) on a machine that may reach the hub.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    target, alias_settings, display = resolve(name_or_path)
-    path = Path(target) if Path(target).exists() else None
-    if name_or_path in ORGANISMS and path is None:
-        raise FileNotFoundError(
-            f"organism {name_or_path!r} not found at {target}; train it with "
-            f"`avprobe organism train --variant {name_or_path.removeprefix('organism-') or 'organism'}`"
-        )
-    try:
-        config = AutoConfig.from_pretrained(target, local_files_only=local_files_only)
-    except OSError as exc:
-        raise FileNotFoundError(
-            f"cannot load model {name_or_path!r} ({target}): not a local directory and not in the local "
-            f"HF cache. Download it first (`huggingface-cli download {target}`) or pass --model-path DIR. "
-            f"({exc})"
-        ) from exc
+    target, alias_settings, display, path, config = _config(name_or_path, local_files_only)
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     cls = adapter_class(arch)
     settings = settings or (path and _read_settings(path)) or alias_settings or AdapterSettings()

@@ -1,0 +1,230 @@
+"""Evidence: the tidy view of one model's stored records plus judged fidelities.
+
+The claims and the report read only this. Every per-sample array is aligned on
+`sample_ids(...)` order; NaN means unscored (never 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from avprobe.collect import SampleRecord
+from avprobe.types import Role
+
+log = logging.getLogger(__name__)
+
+# Function words that never count as a concept (lexicon matching of lens tokens and of
+# the caption's sound words).
+STOPWORDS = frozenset(
+    "i a an the and of to in on is are was it its this that there with as at by for from be "
+    "can hear heard hearing see seen sees seeing sound sounds sounding video clip some someone "
+    "while which who what you we they he she his her their".split()
+)
+HEAR_WORDS = frozenset({"hear", "hears", "heard", "hearing", "sound", "sounds", "noise", "noises"})
+# A few sound concepts in Chinese, which Qwen's logit lens often decodes to (the paper's
+# example: 键盘 = keyboard). The lexicon matching maps them to English before comparing.
+TRANSLATIONS = {
+    "键盘": "keyboard", "马": "horse", "狗": "dog", "鸟": "bird", "钢琴": "piano", "雨": "rain",
+    "婴儿": "baby", "人群": "crowd", "时钟": "clock", "钟": "clock", "引擎": "engine", "发动机": "engine",
+    "警笛": "siren", "钻": "drill", "电钻": "drill", "音乐": "music", "水": "water", "车": "car",
+}
+
+
+def normalize_token(tok: str) -> str:
+    """Byte-level BPE pieces ('Ġdog', '▁dog') -> 'dog'; translations applied."""
+    t = tok.replace("Ġ", " ").replace("▁", " ").strip().lower()
+    t = re.sub(r"^[^\w]+|[^\w]+$", "", t)
+    return TRANSLATIONS.get(t, t)
+
+
+def content_words(text: str) -> set[str]:
+    words = re.findall(r"[a-z]+", text.lower())
+    out = {w for w in words if w not in STOPWORDS and len(w) >= 3}
+    # crude singular forms so 'dogs barking' matches 'dog'
+    out |= {w[:-1] for w in out if w.endswith("s") and len(w) > 3}
+    return out
+
+
+@dataclass
+class FidelityRow:
+    sample_id: str
+    kind: str
+    query: str
+    key: str
+    label: str
+    audio: float
+    video: float
+
+
+@dataclass
+class Evidence:
+    """One model's results over one sample set."""
+
+    model: str
+    records: list[SampleRecord]
+    judge_label: str = ""
+    judge_proxy: bool = False
+    failed: list[Any] = field(default_factory=list)  # SampleError records
+    fidelity: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
+    unscored: int = 0
+    base_model: str | None = None
+
+    # ---- structure ------------------------------------------------------------------
+    @cached_property
+    def n_layers(self) -> int:
+        return int(self.records[0].meta["n_layers"]) if self.records else 0
+
+    @cached_property
+    def queries(self) -> list[str]:
+        return sorted({r.query for r in self.records})
+
+    def select(self, kind: str | None = None, query: str | None = None, modality: str | None = None
+               ) -> list[SampleRecord]:
+        """Records of one kind / query; `modality='audio-video'` drops audio-only samples."""
+        out = []
+        for r in self.records:
+            if kind is not None and r.kind != kind:
+                continue
+            if query is not None and r.query != query:
+                continue
+            if modality == "audio-video" and r.meta["role_counts"].get("video", 0) == 0:
+                continue
+            out.append(r)
+        return sorted(out, key=lambda r: r.sample_id)
+
+    def condition_keys(self) -> list[dict[str, Any]]:
+        return self.records[0].conditions if self.records else []
+
+    def find_condition(self, blocked: tuple[str, ...], layers: tuple[int, ...]) -> str | None:
+        for c in self.condition_keys():
+            if tuple(c["blocked"]) == tuple(blocked) and tuple(c["layers"]) == tuple(layers):
+                return c["key"]
+        return None
+
+    def sweep_keys(self, role: str) -> list[dict[str, Any]]:
+        """The single-role windows of the depth sweep, in depth order (one per centre layer)."""
+        n = self.n_layers
+        w = int(self.records[0].meta["window"]) if self.records else 0
+        out = []
+        for c in self.condition_keys():
+            if c["blocked"] == [role] and len(c["layers"]) <= w and len(c["layers"]) < n:
+                out.append(c)
+        return out
+
+    # ---- fidelity ---------------------------------------------------------------------
+    def scores(self, records: Iterable[SampleRecord], key: str, modality: str) -> np.ndarray:
+        idx = 0 if modality == "audio" else 1
+        return np.array(
+            [self.fidelity.get((r.sample_id, r.query, key), (np.nan, np.nan))[idx] for r in records], dtype=float
+        )
+
+    def caption(self, rec: SampleRecord, key: str = "baseline") -> str:
+        return rec.caption(key)
+
+    # ---- attention flow ---------------------------------------------------------------
+    def flow(self, records: Iterable[SampleRecord], key: str = "baseline") -> np.ndarray:
+        """[N, L, R] attention mass per role of generated rows, mean over steps and heads."""
+        out = []
+        for r in records:
+            keys = [c["key"] for c in r.conditions]
+            out.append(r.arrays["flow_mean"][keys.index(key)].astype(np.float64))
+        return np.stack(out) if out else np.zeros((0, self.n_layers, len(Role)))
+
+    # ---- logit lens -------------------------------------------------------------------
+    def lens_hits(self, rec: SampleRecord, concepts: set[str], layers: Iterable[int]) -> bool:
+        """Whether any audio position decodes (top-k) to one of `concepts` in `layers`."""
+        ids = rec.arrays.get("lens_top_ids")
+        if ids is None or ids.size == 0 or not concepts:
+            return False
+        vocab = rec.meta["vocab"]
+        sel = np.unique(ids[list(layers)])
+        return any(normalize_token(vocab.get(str(int(i)), "")) in concepts for i in sel)
+
+    def lens_top_tokens(self, rec: SampleRecord, layer: int, n: int = 8) -> list[tuple[str, int]]:
+        """Most frequent top-1 lens tokens over the audio positions at one layer."""
+        ids = rec.arrays.get("lens_top_ids")
+        if ids is None or ids.size == 0:
+            return []
+        vals, counts = np.unique(ids[layer, :, 0], return_counts=True)
+        order = np.argsort(-counts)[:n]
+        vocab = rec.meta["vocab"]
+        return [(vocab.get(str(int(vals[i])), "?"), int(counts[i])) for i in order]
+
+    # ---- base shift -------------------------------------------------------------------
+    def audio_token_mask(self, rec: SampleRecord) -> np.ndarray:
+        """Caption tokens that describe the audio: content words in the caption's hearing
+        clause (after a word of hearing, up to the next full stop)."""
+        base = rec.conditions[0]
+        vocab = rec.meta["vocab"]
+        toks = [normalize_token(vocab.get(str(t), "")) for t in base["token_ids"]]
+        mask, open_ = [], False
+        for t in toks:
+            if t in HEAR_WORDS:
+                open_ = True
+                mask.append(False)
+                continue
+            if open_ and t == "":
+                open_ = False  # punctuation closes the clause
+            mask.append(bool(open_ and t and t not in STOPWORDS))
+        n = len(rec.arrays.get("shift_kl", []))
+        return np.array(mask[:n], dtype=bool)
+
+    def audio_token_names_truth(self, rec: SampleRecord) -> np.ndarray:
+        """Per caption token: does it name the true sound (a content word of the reference)?"""
+        truth = set()
+        for cap in rec.meta["audio_captions"][:1]:
+            truth |= content_words(cap)
+        vocab = rec.meta["vocab"]
+        n = len(rec.arrays.get("shift_kl", []))
+        toks = [normalize_token(vocab.get(str(t), "")) for t in rec.conditions[0]["token_ids"]][:n]
+        return np.array([t in truth for t in toks], dtype=bool)
+
+
+def judge_records(records: list[SampleRecord], judge: Any, progress: Any = None) -> tuple[dict, int]:
+    """Audio and video fidelity of every condition's caption, against the first reference
+    caption of each modality (as the paper did). A missing reference gives NaN for that
+    modality (not counted as unscored: there is nothing to judge against)."""
+    from avprobe.judge import JudgeItem
+
+    items: list[JudgeItem] = []
+    where: list[tuple[tuple[str, str, str], int]] = []
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for rec in records:
+        refs = {
+            "audio": (rec.meta["audio_captions"] or [None])[0],
+            "video": (rec.meta["video_captions"] or [None])[0],
+        }
+        for c in rec.conditions:
+            k = (rec.sample_id, rec.query, c["key"])
+            out[k] = [np.nan, np.nan]
+            for j, modality in enumerate(("audio", "video")):
+                if refs[modality]:
+                    items.append(JudgeItem(c["text"], refs[modality], modality))
+                    where.append((k, j))
+    scores = judge.score_batch(items, progress=progress) if items else []
+    unscored = 0
+    for (k, j), s in zip(where, scores):
+        out[k][j] = s.value
+        unscored += int(not s.scored)
+    return {k: (v[0], v[1]) for k, v in out.items()}, unscored
+
+
+def build_evidence(model: str, records: list[SampleRecord], judge: Any, failed: list[Any] | None = None,
+                   progress: Any = None) -> Evidence:
+    fidelity, unscored = judge_records(records, judge, progress)
+    return Evidence(
+        model=model,
+        records=records,
+        judge_label=getattr(judge, "label", str(judge)),
+        judge_proxy=bool(getattr(judge, "proxy", False)),
+        failed=list(failed or []),
+        fidelity=fidelity,
+        unscored=unscored,
+    )

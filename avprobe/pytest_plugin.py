@@ -1,0 +1,200 @@
+"""avprobe's pytest plugin: options in one group, thin fixtures; the work lives in avprobe.
+
+    pytest claims/ --model qwen2.5-omni-3b            # a reproducibility report
+    pytest claims/ --model organism --model organism-control --report reports/claims.html
+
+Claim tests ask for `evidence` (one model's results; parametrised over --model, and over
+the model's queries where the test asks for `query`) and for `claim` (its row of
+claims/claims.toml; `claim.check(...)` records the outcome and asserts with the statistical
+summary). Imports nothing heavy at load time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_MODEL = "organism"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("avprobe", "avprobe claims")
+    g.addoption("--model", action="append", default=None,
+                help="model alias, HF id or local path (repeatable for a cross-model run; default: organism)")
+    g.addoption("--base-model", default=None, help="vision-only base for the shift claims (default: the model's own)")
+    g.addoption("--judge", default=None, help="fidelity judge spec: concept | openai[:MODEL] | transformers:PATH | embedding")
+    g.addoption("--judge-url", default=None, help="base URL of an OpenAI-compatible judge endpoint")
+    g.addoption("--samples", default=None, help="manifest (JSONL/CSV); default: the organism evaluation set")
+    g.addoption("--limit", type=int, default=None, help="use N samples (half factual, half counterfactual)")
+    g.addoption("--refresh", action="store_true", help="recompute cached results")
+    g.addoption("--offline", action="store_true", help="never compute: a cache miss is an error naming what is missing")
+    g.addoption("--store", default=None, help="result store directory (default: fixtures/ of the project)")
+    g.addoption("--report", default=None, help="write the HTML claim report here")
+    g.addoption("--ratings", default=None, help="human ratings CSV for the judge_validity claim")
+    g.addoption("--device", default="cpu", help="torch device for computing missing results")
+    g.addoption("--dtype", default="auto", help="torch dtype for computing missing results")
+    g.addoption("--allow-download", action="store_true", help="let transformers download missing weights")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "claim(id): a test of one claim of claims/claims.toml (carries the citation)")
+    config._avprobe = Session(config)  # type: ignore[attr-defined]
+
+
+def _session(config: pytest.Config) -> Session:
+    return config._avprobe  # type: ignore[attr-defined]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    s = _session(config)
+    if not s.active:
+        return None
+    return [
+        f"avprobe: models={', '.join(s.models)} base={s.opt('base_model') or '(model default)'} "
+        f"judge={s.opt('judge') or '(model default)'}",
+        f"avprobe: samples={s.opt('samples') or 'organism evaluation set'} limit={s.opt('limit')} "
+        f"store={s.store_root} offline={s.opt('offline')} refresh={s.opt('refresh')} seed={s.seed}",
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    s = _session(metafunc.config)
+    names = metafunc.fixturenames
+    if "model_pair" in names:
+        pairs = [(a, b) for i, a in enumerate(s.models) for b in s.models[i + 1 :]]
+        metafunc.parametrize("model_pair", pairs or [None], ids=[f"{a}-vs-{b}" for a, b in pairs] or ["single-model"])
+    elif "model_name" in names:
+        if "query" in names:
+            combos = [(m, q) for m in s.models for q in s.queries(m)]
+            metafunc.parametrize(("model_name", "query"), combos, ids=[f"{m}-{_qid(q)}" for m, q in combos])
+        else:
+            metafunc.parametrize("model_name", s.models)
+
+
+def _qid(query: str) -> str:
+    words = query.lower().split()
+    order = [w for w in words if w in ("see", "hear")]
+    return "-".join(order) or "query"
+
+
+@pytest.fixture
+def evidence(request: pytest.FixtureRequest, model_name: str):
+    """One model's stored results with judged fidelities (computed on a cache miss)."""
+    return _session(request.config).evidence(model_name)
+
+
+@pytest.fixture
+def claim(request: pytest.FixtureRequest):
+    from avprobe.claim import claims_table
+
+    marker = request.node.get_closest_marker("claim")
+    if marker is None:
+        raise pytest.UsageError(f"{request.node.nodeid} uses the claim fixture without @pytest.mark.claim(id)")
+    cid = marker.args[0]
+    table = claims_table()
+    if cid not in table:
+        raise pytest.UsageError(f"claim {cid!r} is not in claims/claims.toml")
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    model = params.get("model_name", "")
+    scope = " ".join(str(params[k]) if k != "query" else _qid(params[k])
+                     for k in ("query", "scope") if k in params) or "all samples"
+    from avprobe.claimcheck import ClaimCheck
+
+    return ClaimCheck(table[cid], model=model, scope=scope, node=request.node, session=_session(request.config))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    s = _session(config)
+    outcomes = s.collected_outcomes(terminalreporter)
+    if not outcomes:
+        return
+    from avprobe.report.terminal import summary_table
+
+    terminalreporter.write_line("")
+    terminalreporter.write(summary_table(outcomes))
+    report = config.getoption("report")
+    if report:
+        from avprobe.report.html import write_report
+
+        path = write_report(Path(report), outcomes, s.evidences_for_report())
+        terminalreporter.write_line(f"avprobe: claim report written to {path}")
+
+
+class Session:
+    """Per-process state: options, the store, and one Evidence per model (lazily built)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.active = any("claims" in str(a) for a in config.args) or bool(config.getoption("model", None))
+        self.models: list[str] = config.getoption("model", None) or [_DEFAULT_MODEL]
+        self.seed = 0
+        root = Path(str(config.rootpath))
+        self.store_root = Path(self.opt("store") or root / "fixtures")
+        self._evidence: dict[str, Any] = {}
+        self._refs: dict[str, Any] = {}
+
+    def opt(self, name: str) -> Any:
+        return self.config.getoption(name, None)
+
+    def ref(self, model: str):
+        if model not in self._refs:
+            from avprobe.adapters import ref
+
+            self._refs[model] = ref(model, local_files_only=not self.opt("allow_download"))
+        return self._refs[model]
+
+    def queries(self, model: str) -> list[str]:
+        from avprobe.collect import DEFAULT_QUERY
+
+        try:
+            return list(self.ref(model).settings.queries or (DEFAULT_QUERY,))
+        except Exception:  # noqa: BLE001 - reported when the evidence fixture loads
+            return [DEFAULT_QUERY]
+
+    def samples(self):
+        from avprobe.claimcheck import limit_balanced
+
+        path = self.opt("samples")
+        if path:
+            from avprobe.media.manifest import load_manifest
+
+            samples = load_manifest(path)
+        else:
+            from avprobe.organism.dataset import eval_samples
+
+            samples = eval_samples()
+        return limit_balanced(samples, self.opt("limit"))
+
+    def evidence(self, model: str):
+        if model not in self._evidence:
+            from avprobe.claimcheck import gather_evidence
+
+            self._evidence[model] = gather_evidence(self, model)
+        return self._evidence[model]
+
+    def collected_outcomes(self, terminalreporter: Any) -> list[Any]:
+        from avprobe.claim import PROPERTY, ClaimOutcome
+
+        out = []
+        for key in ("passed", "failed", "skipped"):
+            for rep in terminalreporter.stats.get(key, []):
+                for name, value in getattr(rep, "user_properties", []):
+                    if name == PROPERTY:
+                        out.append(ClaimOutcome.from_json(value))
+        return out
+
+    def evidences_for_report(self) -> dict[str, Any]:
+        """Evidence of every model, from the store (under xdist the controller reads what the
+        workers stored; nothing is recomputed)."""
+        out = {}
+        for m in self.models:
+            try:
+                out[m] = self.evidence(m)
+            except Exception as exc:  # noqa: BLE001 - the report still shows the verdicts
+                log.warning("report: no evidence for %s: %s", m, exc)
+        return out

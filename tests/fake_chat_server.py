@@ -198,51 +198,58 @@ class _Handler(BaseHTTPRequestHandler):
             fake.in_flight += 1
             fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length)
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None
-            index, planned = fake._plan(body)
-            auth = self.headers.get("Authorization") or ""
-            if not self.path.rstrip("/").endswith("/chat/completions"):
-                fake._record(index, body, 404, auth)
-                self._send(404, b'{"error": "not found"}')
-                return
-            if planned.hang:
-                fake._record(index, body, 0, auth)
-                fake._stop.wait(fake.hang_s)
-                return
-            if planned.delay:
-                fake._stop.wait(planned.delay)
-            fake._record(index, body, planned.status, auth)
-            if planned.body is not None:
-                self._send(planned.status, planned.body, planned.headers)
-                return
-            if planned.status != 200:
-                err = {"error": {"message": f"injected HTTP {planned.status}", "code": planned.status}}
-                self._send(planned.status, json.dumps(err).encode(), planned.headers)
-                return
-            content = fake._content(body, planned)
-            envelope = {
-                "id": f"chatcmpl-{index}",
-                "object": "chat.completion",
-                "model": (body or {}).get("model", "fake"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": planned.finish_reason,
-                    }
-                ],
-            }
-            self._send(200, json.dumps(envelope).encode(), planned.headers)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (timeout): nothing to answer
+            response = self._answer()
         finally:
+            # Out of flight before the reply is written: a client that has read its reply and
+            # sent the next request must never be counted twice.
             with fake._lock:
                 fake.in_flight -= 1
+        if response is None:
+            return
+        try:
+            self._send(*response)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout): nothing to answer
+
+    def _answer(self) -> tuple[int, bytes, Sequence[tuple[str, str]]] | None:
+        """(status, body, headers) for this request, or None to send nothing (a hang)."""
+        fake = self.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        index, planned = fake._plan(body)
+        auth = self.headers.get("Authorization") or ""
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            fake._record(index, body, 404, auth)
+            return 404, b'{"error": "not found"}', ()
+        if planned.hang:
+            fake._record(index, body, 0, auth)
+            fake._stop.wait(fake.hang_s)
+            return None
+        if planned.delay:
+            fake._stop.wait(planned.delay)
+        fake._record(index, body, planned.status, auth)
+        if planned.body is not None:
+            return planned.status, planned.body, planned.headers
+        if planned.status != 200:
+            err = {"error": {"message": f"injected HTTP {planned.status}", "code": planned.status}}
+            return planned.status, json.dumps(err).encode(), planned.headers
+        envelope = {
+            "id": f"chatcmpl-{index}",
+            "object": "chat.completion",
+            "model": (body or {}).get("model", "fake"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": fake._content(body, planned)},
+                    "finish_reason": planned.finish_reason,
+                }
+            ],
+        }
+        return 200, json.dumps(envelope).encode(), planned.headers
 
 
 class DictCache:

@@ -125,7 +125,7 @@ def test_judgments_are_cached_in_the_real_store(tmp_path: Path) -> None:
 
     its = [JudgeItem(f"i hear a s{k} .", "i hear a s0 .", "audio") for k in range(4)]
     with FakeChatServer() as server:
-        opts = {"base_url": server.url, "timeout": 0.5, "backoff_base": 0.001}
+        opts = {"base_url": server.url, "timeout": 5.0, "backoff_base": 0.001}
         first = make_judge("openai:fake", cache=Store(tmp_path), **opts).score_batch(its)
         assert server.n_requests == 4
         second = make_judge("openai:fake", cache=Store(tmp_path), **opts).score_batch(its)
@@ -231,6 +231,22 @@ def test_transformers_judge_parses_valid_replies(tiny_chat_model: Path, monkeypa
     scores = judge.score_batch([JudgeItem(f"c{k}", "r", "audio") for k in range(3)])
     assert scores[0].value == 0.75
     assert [s.error for s in scores[1:]] == [ERROR_PARSE, ERROR_PARSE]
+
+
+def test_transformers_judge_failed_batch_is_unscored_and_others_kept(tiny_chat_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    judge = make_judge(f"transformers:{tiny_chat_model}", batch_size=2)
+    calls = iter([RuntimeError("CUDA out of memory"), ['{"score": 1, "reason": "r"}']])
+
+    def generate(batch):
+        outcome = next(calls)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(judge, "generate", generate)
+    scores = judge.score_batch([JudgeItem(f"c{k}", "r", "audio") for k in range(3)])
+    assert [s.error for s in scores] == [ERROR_INTERNAL, ERROR_INTERNAL, ""]
+    assert "out of memory" in scores[0].reason and scores[2].value == 1.0
 
 
 # -- calibration ------------------------------------------------------------------------------

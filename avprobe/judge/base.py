@@ -161,6 +161,7 @@ class Judge(abc.ABC):
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.cache = cache
         self.max_workers = max_workers
+        self._cache_write_warned = False
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -253,7 +254,9 @@ class Judge(abc.ABC):
         try:
             self.cache.put_json(CACHE_NAMESPACE, self.cache_parts(item), score.to_dict())
         except Exception as exc:  # noqa: BLE001 - a judgment stays valid if it cannot be cached
-            log.warning("judge cache write failed: %r", exc)
+            # Once is enough: a read-only store would otherwise warn for every item.
+            (log.debug if self._cache_write_warned else log.warning)("judge cache write failed: %r", exc)
+            self._cache_write_warned = True
 
     def score(self, candidate: str, reference: str, modality: str) -> Score:
         """Judge one candidate caption against one reference for `modality`."""

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from avprobe.judge.base import ERROR_PARSE, Judge, JudgeCache, JudgeItem, Score
+from avprobe.judge.base import ERROR_INTERNAL, ERROR_PARSE, Judge, JudgeCache, JudgeItem, Score
 from avprobe.judge.prompts import PROMPT_VERSION, build_messages, parse_reply
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,20 @@ class TransformersJudge(Judge):
         return scores[0]
 
     def _score_many(self, items: Sequence[JudgeItem], done: Callable[[JudgeItem, Score], None]) -> None:
+        self._load()  # a missing or broken model is a configuration error: raise it
+        meta = self.settings()
         for start in range(0, len(items), self.batch_size):
             batch = items[start : start + self.batch_size]
-            replies = self.generate(batch)
+            try:
+                replies = self.generate(batch)
+            except (RuntimeError, ValueError) as exc:
+                # e.g. out of memory on one long batch: record it, keep the other batches
+                log.error("judge generation failed on a batch of %d: %r", len(batch), exc)
+                for it in batch:
+                    done(it, Score.unscored(f"generation failed: {exc}", "", self.judge_id, ERROR_INTERNAL, meta))
+                continue
             for it, raw in zip(batch, replies, strict=True):
                 parsed = parse_reply(raw)
-                meta = self.settings()
                 if parsed.value is None:
                     done(it, Score.unscored(parsed.problem, raw, self.judge_id, ERROR_PARSE, meta))
                 else:

@@ -157,6 +157,8 @@ class OpenAIJudge(Judge):
         self._lock = threading.Lock()
         self._dead_streak = 0
         self._warned = False
+        # Bounds requests in flight across every caller of this judge, not just one batch.
+        self._slots = threading.BoundedSemaphore(max_workers)
         host = urllib.parse.urlparse(self.url).hostname or ""
         # Environment proxies must not capture a judge served on this machine.
         handlers = [urllib.request.ProxyHandler({})] if host in _LOOPBACK else []
@@ -249,7 +251,8 @@ class OpenAIJudge(Judge):
         attempt = _Attempt(False, False, "not attempted")
         n = 0
         for n in range(1, retries + 2):
-            attempt = self._attempt(data)
+            with self._slots:
+                attempt = self._attempt(data)
             if attempt.ok or not attempt.retryable or n > retries:
                 break
             with self._lock:

@@ -37,8 +37,7 @@ from avprobe.judge.prompts import prompt_text
 def test_score_validates_its_value() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Score(1.2, "", "", "j")
-    with pytest.raises(ValueError, match="say why"):
-        Score(math.nan, "", "", "j")
+    assert Score(math.nan, "why", "", "j").error == "unspecified"  # NaN is always unscored
     with pytest.raises(ValueError, match="cannot carry error"):
         Score(0.5, "", "", "j", error=ERROR_PARSE)
     s = Score.unscored("bad", "raw text", "j", ERROR_PARSE, {"k": 1})

@@ -31,6 +31,7 @@ ERROR_PARSE = "parse"  # the judge replied, but no valid score could be read fro
 ERROR_TRANSPORT = "transport"  # no usable reply: connection refused, timeout, HTTP error
 ERROR_REFERENCE = "reference"  # the reference caption itself cannot be used
 ERROR_INTERNAL = "internal"  # the judge raised; kept as unscored so a batch never loses work
+ERROR_UNSPECIFIED = "unspecified"  # a NaN Score built without saying why
 _CACHEABLE_ERRORS = frozenset({"", ERROR_PARSE, ERROR_REFERENCE})
 
 
@@ -64,7 +65,7 @@ class Score:
         if not math.isnan(v) and not 0.0 <= v <= 1.0:
             raise ValueError(f"score value must be in [0, 1] or NaN, got {v}")
         if math.isnan(v) and not self.error:
-            raise ValueError("an unscored (NaN) Score must say why in `error`")
+            object.__setattr__(self, "error", ERROR_UNSPECIFIED)
         if not math.isnan(v) and self.error:
             raise ValueError(f"a scored Score cannot carry error {self.error!r}")
 

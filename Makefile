@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 claims: $(STAMP)
 	$(PY) -m pytest claims/ -p no:cacheprovider --model organism --model organism-control \
-		--report reports/claims.html
+		--verdicts claims/verdicts --report reports/claims.html
 
 test: $(STAMP)
 	$(PY) -m pytest tests/ -p no:cacheprovider -n 2 -q

@@ -39,6 +39,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--device", default="cpu", help="torch device for computing missing results")
     g.addoption("--dtype", default="auto", help="torch dtype for computing missing results")
     g.addoption("--allow-download", action="store_true", help="let transformers download missing weights")
+    g.addoption("--verdicts", default=None,
+                help="directory of expected verdicts (<model>.json): a claim whose verdict is unchanged passes "
+                     "(an expected failure shows as xfail), a moved verdict fails; missing files are written")
+    g.addoption("--verdicts-regen", action="store_true", help="rewrite the expected verdict files from this run")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -108,6 +112,32 @@ def claim(request: pytest.FixtureRequest):
     return ClaimCheck(table[cid], model=model, scope=scope, node=request.node, session=_session(request.config))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    rep = outcome.get_result()
+    s = _session(item.config)
+    if rep.when != "call" or not s.opt("verdicts") or s.opt("verdicts_regen"):
+        return
+    from avprobe.claim import PROPERTY, ClaimOutcome
+
+    for name, value in item.user_properties:
+        if name != PROPERTY:
+            continue
+        o = ClaimOutcome.from_json(value)
+        expected = s.expected_verdict(o)
+        if expected is None or o.status == "skipped":
+            return
+        if o.status == "failed" and expected == "failed":
+            rep.outcome = "skipped"
+            rep.wasxfail = f"expected verdict unchanged: {o.claim_id} not supported on {o.model}"
+        elif o.status != expected:
+            rep.outcome = "failed"
+            rep.longrepr = (f"verdict moved: {o.claim_id} [{o.scope}] on {o.model} was {expected}, now {o.status}\n"
+                            f"{o.summary}")
+        return
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     s = _session(config)
     outcomes = s.collected_outcomes(terminalreporter)
@@ -117,6 +147,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
     terminalreporter.write_line("")
     terminalreporter.write(summary_table(outcomes))
+    if s.opt("verdicts") and not hasattr(config, "workerinput"):
+        for line in s.write_verdicts(outcomes):
+            terminalreporter.write_line(line)
     report = config.getoption("report")
     if report:
         from avprobe.report.html import write_report
@@ -137,6 +170,7 @@ class Session:
         self.store_root = Path(self.opt("store") or root / "fixtures")
         self._evidence: dict[str, Any] = {}
         self._refs: dict[str, Any] = {}
+        self._expected: dict[str, dict[str, str]] = {}
 
     def opt(self, name: str) -> Any:
         return self.config.getoption(name, None)
@@ -180,13 +214,46 @@ class Session:
     def collected_outcomes(self, terminalreporter: Any) -> list[Any]:
         from avprobe.claim import PROPERTY, ClaimOutcome
 
-        out = []
-        for key in ("passed", "failed", "skipped"):
-            for rep in terminalreporter.stats.get(key, []):
+        out, seen = [], set()
+        for reports in terminalreporter.stats.values():
+            for rep in reports:
+                if getattr(rep, "when", "call") not in ("call", "setup"):
+                    continue
                 for name, value in getattr(rep, "user_properties", []):
-                    if name == PROPERTY:
+                    if name == PROPERTY and value not in seen:
+                        seen.add(value)
                         out.append(ClaimOutcome.from_json(value))
         return out
+
+    def _verdict_file(self, model: str) -> Path:
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model).strip("_")
+        return Path(self.opt("verdicts")) / f"{slug}.json"
+
+    def expected_verdict(self, outcome: Any) -> str | None:
+        import json
+
+        f = self._verdict_file(outcome.model)
+        if not f.is_file():
+            return None
+        table = self._expected.setdefault(outcome.model, json.loads(f.read_text()))
+        return table.get(f"{outcome.claim_id}[{outcome.scope}]")
+
+    def write_verdicts(self, outcomes: list[Any]) -> list[str]:
+        """Write expected-verdict files that are missing (or all, with --verdicts-regen)."""
+        import json
+
+        lines = []
+        by_model: dict[str, dict[str, str]] = {}
+        for o in outcomes:
+            by_model.setdefault(o.model, {})[f"{o.claim_id}[{o.scope}]"] = o.status
+        for model, table in by_model.items():
+            f = self._verdict_file(model)
+            if f.is_file() and not self.opt("verdicts_regen"):
+                continue
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
+            lines.append(f"avprobe: wrote expected verdicts of {model} to {f}")
+        return lines
 
     def evidences_for_report(self) -> dict[str, Any]:
         """Evidence of every model, from the store (under xdist the controller reads what the

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -46,9 +46,22 @@ class Protocol:
     lens_top_k: int = 3
     lens_norm: bool = True
     shift: bool = True
+    # Experiments that can be left out (`avprobe collect --experiments`). Fields from here on
+    # enter key() only when they differ from their default, so stored results stay addressed.
+    knockout: bool = True  # the depth sweep and band knockouts (else the baseline row only)
+    flow: bool = True  # attention flow per role and per second
+    lens: bool = True  # logit lens at the audio positions
 
     def key(self) -> str:
-        return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
+        """Short hash of the protocol: part of every record's key."""
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _KEY_OPTIONAL and value == f.default:
+                continue
+            shown.append(f"{f.name}={value!r}")
+        # The dataclass repr of the fields before the optional ones: the keys of stored results.
+        return hashlib.sha256(f"Protocol({', '.join(shown)})".encode()).hexdigest()[:12]
 
     def window_size(self, n_layers: int) -> int:
         return max(1, round(self.window * n_layers))
@@ -56,6 +69,8 @@ class Protocol:
     def conditions(self, n_layers: int, sight_rule: SpanRule | None) -> list[Condition]:
         k = self.window_size(n_layers)
         conds: list[Condition] = [Baseline()]
+        if not self.knockout:
+            return conds
         for r in self.sweep_roles:
             conds += sweep(Role.parse(r), n_layers, k)
         everything = tuple(range(n_layers))
@@ -66,6 +81,9 @@ class Protocol:
                 conds.append(Knockout((Role.VIDEO, sight_rule), layers))
         seen: set[Condition] = set()
         return [c for c in conds if not (c in seen or seen.add(c))]
+
+
+_KEY_OPTIONAL = frozenset({"knockout", "flow", "lens"})
 
 
 SIGHT_WORDS = ("see", "sees", "seen", "seeing", "shows", "showing", "visible", "watch")
@@ -152,12 +170,14 @@ def compute_record(
 
     mi = adapter.build_inputs(media, query)
     L = adapter.n_layers
-    conds = protocol.conditions(L, sight_rule(adapter) if protocol.own_words else None)
-    lens = LensConfig(top_k=protocol.lens_top_k, use_norm=protocol.lens_norm)
+    own = protocol.own_words and protocol.knockout
+    conds = protocol.conditions(L, sight_rule(adapter) if own else None)
+    lens = LensConfig(top_k=protocol.lens_top_k, use_norm=protocol.lens_norm) if protocol.lens else None
     do_shift = protocol.shift and base is not None and media.frames is not None
     res = run(
         adapter, mi, conds,
-        EngineConfig(max_new_tokens=protocol.max_new_tokens, lens=lens, keep_logprobs=do_shift),
+        EngineConfig(max_new_tokens=protocol.max_new_tokens, lens=lens, keep_logprobs=do_shift,
+                     record_attention=protocol.flow, record_buckets=protocol.flow),
     )
     arrays: dict[str, np.ndarray] = {}
     cmeta = []

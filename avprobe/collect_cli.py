@@ -1,0 +1,527 @@
+"""`avprobe collect`: compute and store everything the claims need, resumably and in shards.
+
+    avprobe collect --model organism --samples organism --experiments caption,judge,flow,lens,knockout,shift
+    accelerate launch --multi_gpu --num_processes 4 -m avprobe collect --model qwen2.5-omni --samples clips.jsonl
+
+Every record goes to the result store as soon as it is computed (atomic writes), so a run
+that is killed resumes where it stopped: a rerun reads what is there and computes the rest.
+Under `accelerate launch` (or any launcher setting RANK / WORLD_SIZE, or `--shard R/N`),
+sample i goes to process i % N; all processes write the same store, whose keys do not depend
+on the sharding, so the merged store equals a single-process run. The command keeps only
+counters (never the records), so memory stays flat over any number of samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ("caption", "judge", "flow", "lens", "knockout", "shift")
+# The caption of the baseline row is what every experiment starts from: always computed.
+_ALWAYS = frozenset({"caption"})
+# Judge items scored together: enough to keep a remote endpoint busy, few enough to stay small.
+JUDGE_CHUNK = 256
+# Failure examples kept per reason group in the summary (counts are always exact).
+MAX_EXAMPLES = 3
+
+
+# ---- experiments -> protocol ------------------------------------------------------------
+
+def parse_experiments(text: str | Sequence[str]) -> frozenset[str]:
+    """`"caption,judge,flow"` -> the set of experiments; unknown names are an error naming the valid ones."""
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    names = [n for n in names if n]
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {','.join(EXPERIMENTS)}")
+    if not names:
+        raise ValueError(f"--experiments is empty; choose from {','.join(EXPERIMENTS)}")
+    return frozenset(names) | _ALWAYS
+
+
+def protocol_for(experiments: Iterable[str], queries: Sequence[str] | None = None,
+                 max_new_tokens: int | None = None) -> Any:
+    """The `Protocol` computing `experiments`. With all of them (and the default queries and
+    length) it is `Protocol()` itself, the protocol the claims read, so their results are reused."""
+    from avprobe.collect import DEFAULT_QUERY, Protocol
+
+    exp = set(experiments)
+    kw: dict[str, Any] = {
+        "queries": tuple(queries) if queries else (DEFAULT_QUERY,),
+        "knockout": "knockout" in exp,
+        "flow": "flow" in exp,
+        "lens": "lens" in exp,
+        "shift": "shift" in exp,
+    }
+    if max_new_tokens is not None:
+        kw["max_new_tokens"] = max_new_tokens
+    return Protocol(**kw)
+
+
+# ---- sharding ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of the samples: those with index % world == rank."""
+
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"bad shard {self.rank}/{self.world}: need 0 <= rank < world")
+
+    def owns(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+    def select(self, items: Iterable[Any]) -> Iterator[Any]:
+        """The items this shard owns, lazily."""
+        return (x for i, x in enumerate(items) if self.owns(i))
+
+    def __str__(self) -> str:
+        return f"{self.rank}/{self.world}"
+
+
+def shard_from(spec: str | None = None, env: Mapping[str, str] | None = None) -> Shard:
+    """`--shard R/N` if given, else RANK / WORLD_SIZE as set by `accelerate launch`
+    (torchrun) and other launchers, else the whole set."""
+    if spec:
+        try:
+            r, n = (int(x) for x in spec.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard {spec!r}: write RANK/WORLD, e.g. 0/4") from None
+        return Shard(r, n)
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+    except ValueError:
+        raise ValueError(f"RANK={env.get('RANK')!r} / WORLD_SIZE={env.get('WORLD_SIZE')!r} are not integers") from None
+    return Shard(rank, world)
+
+
+# ---- samples ----------------------------------------------------------------------------
+
+def load_samples(spec: str, limit: int | None = None) -> tuple[list[Any], list[Any]]:
+    """(samples, manifest errors) for `organism`, `organism:N` (the organism evaluation set of N
+    samples) or a manifest path. Bad manifest rows come back as `SampleError`s, not raised.
+    `limit` keeps the paper's factual / counterfactual balance (as `pytest --limit` does)."""
+    from avprobe.claimcheck import limit_balanced
+
+    errors: list[Any] = []
+    if spec == "organism" or spec.startswith("organism:"):
+        from avprobe.organism.dataset import N_EVAL, eval_samples
+
+        _, _, n = spec.partition(":")
+        try:
+            size = int(n) if n else N_EVAL
+        except ValueError:
+            raise ValueError(f"--samples {spec!r}: write organism or organism:N (N even)") from None
+        samples = eval_samples(size)
+    else:
+        from avprobe.media.manifest import read_manifest
+
+        result = read_manifest(spec)
+        samples, errors = result.samples, result.errors
+    return limit_balanced(samples, limit), errors
+
+
+# ---- summary ----------------------------------------------------------------------------
+
+@dataclass
+class CollectCounts:
+    """Counters of one run (or the merge of shards): no records are kept."""
+
+    samples: int = 0  # samples this run was given (after --limit and sharding)
+    queries: int = 1
+    computed: int = 0  # records computed and stored
+    cached: int = 0  # records found in the store
+    failed: int = 0  # samples that failed (manifest, decode or engine)
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)  # group -> count, examples
+    judged: int = 0  # judge items (caption x reference modality)
+    unscored: int = 0
+    unscored_by_error: dict[str, int] = field(default_factory=dict)
+    no_reference: int = 0  # (condition, modality) pairs without a reference: nothing to judge
+    elapsed_s: float = 0.0
+
+    @property
+    def records(self) -> int:
+        return self.samples * self.queries
+
+    def add_failure(self, err: Any) -> None:
+        """Count a `SampleError`, grouped by stage and exception type."""
+        self.failed += 1
+        kind = err.reason.split(":", 1)[0].strip() if ":" in err.reason else err.reason
+        group = f"{err.stage}: {kind}"
+        g = self.failures.setdefault(group, {"count": 0, "examples": []})
+        g["count"] += 1
+        if len(g["examples"]) < MAX_EXAMPLES:
+            g["examples"].append({"sample_id": err.sample_id, "path": err.path, "reason": err.reason})
+
+    def add_scores(self, scores: Iterable[Any]) -> None:
+        for s in scores:
+            self.judged += 1
+            if not s.scored:
+                self.unscored += 1
+                self.unscored_by_error[s.error or "unknown"] = self.unscored_by_error.get(s.error or "unknown", 0) + 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "queries": self.queries,
+            "records": self.records,
+            "computed": self.computed,
+            "cached": self.cached,
+            "failed": self.failed,
+            "failures": self.failures,
+            "judge": {
+                "items": self.judged,
+                "scored": self.judged - self.unscored,
+                "unscored": self.unscored,
+                "unscored_by_error": self.unscored_by_error,
+                "no_reference": self.no_reference,
+            },
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+    @classmethod
+    def merge(cls, parts: Iterable[CollectCounts]) -> CollectCounts:
+        """Sum of shard counters (failure examples: the first few of each group)."""
+        out = cls()
+        for p in parts:
+            out.queries = p.queries
+            for name in ("samples", "computed", "cached", "failed", "judged", "unscored", "no_reference"):
+                setattr(out, name, getattr(out, name) + getattr(p, name))
+            out.elapsed_s = max(out.elapsed_s, p.elapsed_s)
+            for group, g in p.failures.items():
+                o = out.failures.setdefault(group, {"count": 0, "examples": []})
+                o["count"] += g["count"]
+                o["examples"] = (o["examples"] + g["examples"])[:MAX_EXAMPLES]
+            for k, v in p.unscored_by_error.items():
+                out.unscored_by_error[k] = out.unscored_by_error.get(k, 0) + v
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CollectCounts:
+        j = d["judge"]
+        return cls(samples=d["samples"], queries=d["queries"], computed=d["computed"], cached=d["cached"],
+                   failed=d["failed"], failures=dict(d["failures"]), judged=j["items"], unscored=j["unscored"],
+                   unscored_by_error=dict(j["unscored_by_error"]), no_reference=j["no_reference"],
+                   elapsed_s=d["elapsed_s"])
+
+
+# ---- judging, streamed ------------------------------------------------------------------
+
+class StreamJudge:
+    """Judges every condition's caption of each record as records stream by, in chunks of
+    `JUDGE_CHUNK` items; keeps only the pending items. The items are those of
+    `avprobe.evidence.judge_records` (first reference caption of each modality)."""
+
+    def __init__(self, judge: Any, counts: CollectCounts, chunk: int = JUDGE_CHUNK) -> None:
+        self.judge = judge
+        self.counts = counts
+        self.chunk = chunk
+        self.pending: list[Any] = []
+
+    def add(self, record: Any) -> None:
+        from avprobe.judge import JudgeItem
+
+        refs = {
+            "audio": (record.meta["audio_captions"] or [None])[0],
+            "video": (record.meta["video_captions"] or [None])[0],
+        }
+        for c in record.conditions:
+            for modality, ref in refs.items():
+                if ref:
+                    self.pending.append(JudgeItem(c["text"], ref, modality))
+                else:
+                    self.counts.no_reference += 1
+        if len(self.pending) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            items, self.pending = self.pending, []
+            self.counts.add_scores(self.judge.score_batch(items))
+
+
+# ---- progress ---------------------------------------------------------------------------
+
+class _Progress:
+    """Rich progress bar over samples (samples/s, ETA, failures so far), or nothing."""
+
+    def __init__(self, label: str, total: int, counts: CollectCounts, show: bool) -> None:
+        self.label, self.total, self.counts = label, total, counts
+        self.bar: Any = None
+        self.task: Any = None
+        self.done = 0
+        self.start = time.perf_counter()
+        self.show = show
+
+    def __enter__(self) -> _Progress:
+        if self.show:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=self.total, info="")
+        return self
+
+    def sample_done(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            c = self.counts
+            self.bar.update(self.task, completed=self.done,
+                            info=f"{rate:.2f} samples/s | {c.computed} computed, {c.cached} cached, {c.failed} failed")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ---- the command ------------------------------------------------------------------------
+
+def _device(spec: str) -> str:
+    """`auto`: this process's GPU under a launcher (LOCAL_RANK), else the CPU."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if spec == "auto":
+        return f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{local}"
+    return spec
+
+
+def run_collect(args: argparse.Namespace) -> tuple[CollectCounts, dict[str, Any]]:
+    """Run one process's share of the collection; returns its counters and run info."""
+    from avprobe.adapters import ref as make_ref
+    from avprobe.collect import collect
+    from avprobe.store import Store
+    from avprobe.types import SampleError
+
+    experiments = parse_experiments(args.experiments)
+    shard = shard_from(args.shard)
+    mref = make_ref(args.model, local_files_only=not args.allow_download)
+    protocol = protocol_for(experiments, mref.settings.queries, args.max_new_tokens)
+    samples, manifest_errors = load_samples(args.samples, args.limit)
+    store = Store(args.store)
+    device = _device(args.device)
+
+    judge = None
+    if "judge" in experiments:
+        from avprobe.judge.cli import judge_from_args
+
+        args.judge = args.judge or mref.settings.judge or "openai"
+        judge = judge_from_args(args, cache=store)  # a bad spec or missing URL fails before any compute
+
+    base_name = args.base_model or mref.settings.base_model
+
+    def get_adapter() -> Any:
+        log.info("loading %s on %s", mref.name, device)
+        return mref.load(device=device, dtype=args.dtype, local_files_only=not args.allow_download)
+
+    def get_base() -> Any:
+        if "shift" not in experiments:
+            return None
+        if not base_name:
+            log.warning("%s: no vision-only base model (--base-model); the shift is not computed", mref.name)
+            return None
+        return make_ref(base_name, local_files_only=not args.allow_download).load(
+            device=device, dtype=args.dtype, local_files_only=not args.allow_download)
+
+    counts = CollectCounts(queries=len(protocol.queries))
+    # Bad manifest rows are nobody's shard: rank 0 reports them, once.
+    if shard.rank == 0:
+        for err in manifest_errors:
+            counts.samples += 1
+            counts.add_failure(err)
+    mine = list(shard.select(samples))
+    counts.samples += len(mine)
+    streamer = StreamJudge(judge, counts) if judge is not None else None
+    info = {
+        "model": mref.name, "revision": mref.revision, "protocol": protocol.key(),
+        "experiments": sorted(experiments), "samples_spec": args.samples, "store": str(args.store),
+        "shard": {"rank": shard.rank, "world": shard.world},
+        "judge": getattr(judge, "label", None),
+    }
+    log.info("%s: %d samples (shard %s), protocol %s, experiments %s, store %s", mref.name, len(mine), shard,
+             protocol.key(), ",".join(sorted(experiments)), args.store)
+    seen: dict[str, int] = {}
+    label = f"{mref.name}" + (f" [shard {shard}]" if shard.world > 1 else "")
+    show = not args.no_progress and shard.rank == 0
+    t0 = time.perf_counter()
+    with _Progress(label, len(mine), counts, show) as bar:
+
+        def on_progress(sample: Any, what: str) -> None:
+            if what == "failed":
+                seen.pop(sample.id, None)
+                bar.sample_done()
+                return
+            setattr(counts, what, getattr(counts, what) + 1)
+            seen[sample.id] = seen.get(sample.id, 0) + 1
+            if seen[sample.id] == counts.queries:
+                del seen[sample.id]
+                bar.sample_done()
+
+        for item in collect(mref, mine, store, protocol, get_adapter=get_adapter, get_base=get_base,
+                            refresh=args.refresh, on_progress=on_progress):
+            if isinstance(item, SampleError):
+                counts.add_failure(item)
+            elif streamer is not None:
+                streamer.add(item)
+            # the record is dropped here: only counters are kept
+        if streamer is not None:
+            streamer.flush()
+    counts.elapsed_s = time.perf_counter() - t0
+    if judge is not None:
+        judge.close()
+    return counts, info
+
+
+def _part_path(path: Path, shard: Shard) -> Path:
+    return path.with_name(f"{path.stem}.rank{shard.rank}-of-{shard.world}{path.suffix or '.json'}")
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _merge_parts(path: Path, world: int, since: float, timeout: float) -> tuple[CollectCounts, list[int]]:
+    """Wait for every shard's summary written after `since`; -> merged counts, missing ranks."""
+    deadline = time.monotonic() + timeout
+    parts: dict[int, CollectCounts] = {}
+    while True:
+        for r in range(world):
+            p = _part_path(path, Shard(r, world))
+            if r not in parts and p.is_file() and p.stat().st_mtime >= since:
+                try:
+                    parts[r] = CollectCounts.from_json(json.loads(p.read_text())["counts"])
+                except (ValueError, KeyError):
+                    pass  # being written by a non-atomic writer: read it next time
+        if len(parts) == world or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    missing = [r for r in range(world) if r not in parts]
+    return CollectCounts.merge(parts[r] for r in sorted(parts)), missing
+
+
+def print_summary(counts: CollectCounts, info: Mapping[str, Any], title: str) -> None:
+    """The end-of-run summary: computed / cached / failed (reasons grouped) / unscored."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    c = counts
+    rate = (c.computed + c.cached) / c.elapsed_s if c.elapsed_s > 0 else math.nan
+    console.print(
+        f"[bold]{title}[/bold]: {c.samples} samples x {c.queries} queries = {c.records} records: "
+        f"[green]{c.computed} computed[/green], {c.cached} cached, "
+        f"[{'red' if c.failed else 'green'}]{c.failed} samples failed[/] "
+        f"({c.elapsed_s:.1f} s, {rate:.2f} records/s; protocol {info.get('protocol')})"
+    )
+    if c.failures:
+        t = Table(title="failures by reason", show_lines=False)
+        t.add_column("stage: error")
+        t.add_column("samples", justify="right")
+        t.add_column("example")
+        for group, g in sorted(c.failures.items(), key=lambda kv: -kv[1]["count"]):
+            ex = g["examples"][0] if g["examples"] else {}
+            t.add_row(group, str(g["count"]), f"{ex.get('sample_id', '')}: {ex.get('reason', '')}"[:120])
+        console.print(t)
+    if info.get("judge"):
+        by = ", ".join(f"{k} {v}" for k, v in sorted(c.unscored_by_error.items())) or "none"
+        console.print(f"judge {info['judge']}: {c.judged} items, {c.judged - c.unscored} scored, "
+                      f"[{'yellow' if c.unscored else 'green'}]{c.unscored} unscored[/] ({by}); "
+                      f"{c.no_reference} without a reference")
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from avprobe.store import StoreError
+
+    started = time.time()
+    try:
+        counts, info = run_collect(args)
+    except (ValueError, FileNotFoundError, StoreError) as exc:
+        log.error("%s", exc)
+        return 2
+    shard = Shard(**info["shard"])
+    title = "collect" + (f" shard {shard}" if shard.world > 1 else "")
+    print_summary(counts, info, title)
+    total = counts
+    if args.summary_json is not None:
+        payload = {"run": info, "counts": counts.to_json()}
+        if shard.world == 1:
+            _write_json(args.summary_json, payload)
+        else:
+            _write_json(_part_path(args.summary_json, shard), payload)
+            if shard.rank == 0:
+                # A few seconds of slack: the launcher starts every rank at about the same time.
+                total, missing = _merge_parts(args.summary_json, shard.world, started - 60, args.merge_timeout)
+                merged_info = {**info, "shard": {"rank": 0, "world": shard.world}, "missing_shards": missing}
+                _write_json(args.summary_json, {"run": merged_info, "counts": total.to_json()})
+                if missing:
+                    log.error("no summary from shard(s) %s after %.0f s; %s counts only the others",
+                              missing, args.merge_timeout, args.summary_json)
+                print_summary(total, merged_info, f"collect, {shard.world - len(missing)} of {shard.world} shards")
+    ok = total.computed + total.cached
+    return 1 if total.records and ok == 0 else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `avprobe collect`."""
+    p = subparsers.add_parser(
+        "collect", help="compute and store what the claims need (resumable, shardable)",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--model", required=True, help="alias (qwen2.5-omni, organism, ...), HF id or local directory")
+    p.add_argument("--samples", default="organism", metavar="MANIFEST|organism[:N]",
+                   help="a JSONL/CSV manifest, or the organism evaluation set (default organism = 500 samples)")
+    p.add_argument("--experiments", default=",".join(EXPERIMENTS), metavar="LIST",
+                   help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all, as the claims need)")
+    p.add_argument("--store", type=Path, default=Path("fixtures"), metavar="DIR", help="result store (default fixtures)")
+    p.add_argument("--limit", type=int, metavar="N", help="first N samples, half factual and half counterfactual")
+    p.add_argument("--refresh", action="store_true", help="recompute records already in the store")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, metavar="N",
+                   help="caption length (default 32; another value is another protocol, not read by the claims)")
+    p.add_argument("--base-model", dest="base_model", metavar="M", help="vision-only base for the shift (default: the model's own)")
+    p.add_argument("--device", default="auto", help="torch device (default auto: cuda:LOCAL_RANK if a GPU exists, else cpu)")
+    p.add_argument("--dtype", default="auto", help="torch dtype (default auto)")
+    p.add_argument("--allow-download", dest="allow_download", action="store_true", help="let transformers download weights")
+    p.add_argument("--shard", metavar="R/N", help="take samples i with i %% N == R (default: RANK/WORLD_SIZE of the launcher)")
+    p.add_argument("--summary-json", dest="summary_json", type=Path, metavar="FILE",
+                   help="also write the summary as JSON (sharded: one file per shard, merged by rank 0)")
+    p.add_argument("--merge-timeout", dest="merge_timeout", type=float, default=3600.0, metavar="S",
+                   help="how long rank 0 waits for the other shards' summaries (default 3600)")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("judge (with --experiments ...,judge)")
+    g.add_argument("--judge", default=None, metavar="SPEC",
+                   help="concept | openai[:MODEL] | transformers:MODEL_OR_PATH | embedding (default: the model's, else openai)")
+    g.add_argument("--judge-url", dest="judge_url", metavar="URL", help="OpenAI-compatible base URL (else $AVPROBE_JUDGE_URL)")
+    g.add_argument("--judge-concurrency", dest="judge_concurrency", type=int, metavar="N", help="parallel judge requests (default 8)")
+    g.add_argument("--judge-timeout", dest="judge_timeout", type=float, metavar="S", help="seconds per judge socket operation")
+    g.add_argument("--judge-retries", dest="judge_retries", type=int, metavar="N", help="retries on 429, 5xx, timeouts (default 4)")
+    g.add_argument("--judge-batch-size", dest="judge_batch_size", type=int, metavar="N", help="batch size of the transformers judge")
+    p.set_defaults(func=_cmd_collect)
+

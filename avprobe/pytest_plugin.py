@@ -58,8 +58,15 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     s = _session(config)
     if not s.active:
         return None
+    revisions = []
+    for m in s.models:
+        try:
+            r = s.ref(m)
+            revisions.append(f"{m}@{r.revision} ({r.n_layers} layers)")
+        except Exception as exc:  # noqa: BLE001 - the evidence fixture reports it in full
+            revisions.append(f"{m} (unresolved: {type(exc).__name__})")
     return [
-        f"avprobe: models={', '.join(s.models)} base={s.opt('base_model') or '(model default)'} "
+        f"avprobe: models={', '.join(revisions)} base={s.opt('base_model') or '(model default)'} "
         f"judge={s.opt('judge') or '(model default)'}",
         f"avprobe: samples={s.opt('samples') or 'organism evaluation set'} limit={s.opt('limit')} "
         f"store={s.store_root} offline={s.opt('offline')} refresh={s.opt('refresh')} seed={s.seed}",

@@ -1,0 +1,861 @@
+"""The HTML claim report: one static file that opens offline.
+
+Per model: the claim table (verdicts with estimate, CI, p, effect size, n and the statistical
+summary), then our data re-drawn as the paper's figures (Table 1 fidelities, Fig. 2
+attention flow, Fig. 3 logit lens, Fig. 5 knockout sweeps, the base-model shift of caption
+tokens with the attention each token gave, and a few samples' captions under knockout). With
+several models, a claim-by-model matrix. CSS is inlined and every figure is an inline SVG
+drawn by `avprobe.report.svg`; a few lines of JavaScript only highlight rows. Figures are
+aggregates over all samples; only a handful of samples are shown one by one, so the file
+stays small for any number of samples. All text is escaped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from html import escape
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avprobe import ENGINE_VERSION, __version__
+from avprobe.claim import ClaimOutcome, claims_table
+from avprobe.collect import Protocol, SampleRecord
+from avprobe.conditions import band
+from avprobe.evidence import Evidence, content_words, normalize_token
+from avprobe.report import svg
+from avprobe.types import Role
+
+log = logging.getLogger(__name__)
+
+# The paper's Fig. 2 statements, drawn as shaded boxes: (role, layers lo-hi of 36, share lo-hi).
+PAPER_FIG2 = (
+    ("audio", (0, 6), (0.40, 0.50), "paper: audio 40-50% in layers 0-5 of 36"),
+    ("video", (15, 31), (0.20, 0.40), "paper: video 20-40% in layers 15-30 of 36"),
+)
+PAPER_DEPTH = 36  # Qwen2.5-Omni-7B; the paper's layer numbers are scaled by depth fraction
+SHIFT_COLORS = {"sh-same": "#6baed6", "sh-top3": "#f2c94c", "sh-shift": "#ef6b6b"}
+KO_COLORS = {"video": svg.ROLE_COLORS["video"], "audio": svg.ROLE_COLORS["audio"]}
+ARROW = {"video": "G↛V", "audio": "G↛A"}
+STATUS_TEXT = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
+
+_JS = """
+document.addEventListener('click', function (e) {
+  var t = e.target.closest('[data-tok]'); if (!t) return;
+  var box = t.closest('.tokbox');
+  box.querySelectorAll('.sel').forEach(function (n) { n.classList.remove('sel'); });
+  box.querySelectorAll('[data-row="' + t.dataset.tok + '"]').forEach(function (n) { n.classList.add('sel'); });
+  t.classList.add('sel');
+});
+function avpToggle(open) { document.querySelectorAll('details').forEach(function (d) { d.open = open; }); }
+"""
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """How much of each model is shown individually (everything else is aggregated)."""
+
+    title: str = "avprobe claim report"
+    n_examples: int = 3  # factual and counterfactual samples each, captions side by side
+    n_token_samples: int = 3  # samples whose caption tokens and attention are drawn
+    n_lens_samples: int = 4  # counterfactual samples in the logit-lens token table
+    max_tokens: int = 48  # caption tokens drawn per sample
+    max_lens_rows: int = 14  # layers shown in the lens token table (evenly spaced)
+    alpha: float = 0.05  # significance of knockout windows (Holm over windows)
+    n_boot: int = 200  # bootstrap resamples of the window tests (only p-values are used)
+
+
+def write_report(
+    path: Path,
+    outcomes: list[ClaimOutcome],
+    evidences: dict[str, Evidence],
+    options: ReportOptions | None = None,
+) -> Path:
+    """Write the report to `path` (parents created) and return the path."""
+    opts = options or ReportOptions()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = render_report(outcomes, evidences, opts)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)  # a half-written report never replaces a good one
+    log.info("claim report written to %s (%.0f kB)", path, len(text.encode()) / 1024)
+    return path
+
+
+def render_report(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], opts: ReportOptions | None = None) -> str:
+    """The whole report as one HTML string."""
+    opts = opts or ReportOptions()
+    order = _claim_order(outcomes)
+    models = list(evidences)
+    for o in outcomes:
+        if o.model and o.model not in models and not _is_cross(o, evidences):
+            models.append(o.model)
+    cross = [o for o in outcomes if _is_cross(o, evidences)]
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    toc = [('overview', "Overview")]
+    if len({o.model for o in outcomes if o.model}) > 1:
+        toc.append(("matrix", "Claims × models"))
+    toc += [(_anchor(m), m) for m in models]
+    if cross:
+        toc.append(("cross", "Cross-model claims"))
+
+    body = [
+        '<header class="top">',
+        f"<h1>{escape(opts.title)}</h1>",
+        f'<div class="sub">Do audio-visual LLMs really see and hear? The findings of Selvakumar et al., '
+        f"CVPR Findings 2026 (arXiv 2604.02605), as statistical tests. Generated {escape(now)} · avprobe "
+        f"{escape(__version__)} (engine {escape(ENGINE_VERSION)})</div>",
+        "</header>",
+        '<nav class="toc">' + "".join(f'<a href="#{escape(a)}">{escape(t)}</a>' for a, t in toc)
+        + '<button type="button" onclick="avpToggle(false)">collapse all</button>'
+        '<button type="button" onclick="avpToggle(true)">expand all</button></nav>',
+        "<main>",
+        _overview(outcomes, evidences, models),
+    ]
+    if len({o.model for o in outcomes if o.model}) > 1:
+        body.append(_matrix(outcomes, order))
+    for m in models:
+        body.append(_model_section(m, [o for o in outcomes if o.model == m], evidences.get(m), order, opts))
+    if cross:
+        body.append('<section class="card" id="cross"><h2>Cross-model claims</h2>'
+                    '<p class="lead">Claims that compare two models.</p>'
+                    + _claim_table(cross, order) + "</section>")
+    body.append("</main>")
+    body.append(f"<footer>avprobe {escape(__version__)} · report generated {escape(now)} · "
+                "figures re-draw the paper's from this run's data</footer>")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(opts.title)}</title><style>{_css()}</style></head><body>"
+        + "\n".join(body)
+        + f"<script>{_JS}</script></body></html>\n"
+    )
+
+
+# ---- structure -------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _css() -> str:
+    return resources.files("avprobe.report").joinpath("style.css").read_text(encoding="utf-8")
+
+
+def _is_cross(o: ClaimOutcome, evidences: dict[str, Evidence]) -> bool:
+    """A claim over a pair of models (or one that could not pick a model)."""
+    return o.model not in evidences and (" vs " in o.model or not o.model)
+
+
+def _claim_order(outcomes: Sequence[ClaimOutcome]) -> dict[str, int]:
+    try:
+        ids = list(claims_table())
+    except FileNotFoundError:
+        ids = []
+    for o in outcomes:
+        if o.claim_id not in ids:
+            ids.append(o.claim_id)
+    return {cid: i for i, cid in enumerate(ids)}
+
+
+def _sorted(outcomes: Iterable[ClaimOutcome], order: dict[str, int]) -> list[ClaimOutcome]:
+    return sorted(outcomes, key=lambda o: (order.get(o.claim_id, 1 << 30), o.claim_id, o.scope))
+
+
+def _anchor(model: str) -> str:
+    return "m-" + "".join(ch if ch.isalnum() else "-" for ch in model).strip("-").lower()
+
+
+def _verdict(status: str) -> str:
+    return f'<span class="verdict v-{escape(status)}">{escape(STATUS_TEXT.get(status, status.upper()))}</span>'
+
+
+def _counts(outcomes: Sequence[ClaimOutcome]) -> str:
+    c = Counter(o.status for o in outcomes)
+    return '<span class="counts">' + "".join(
+        f"<span>{_verdict(s)} {c.get(s, 0)}</span>" for s in ("passed", "failed", "skipped")) + "</span>"
+
+
+def _overview(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], models: list[str]) -> str:
+    rows = []
+    for m in models:
+        ev = evidences.get(m)
+        mine = [o for o in outcomes if o.model == m]
+        if ev is None:
+            rows.append(f"<tr><td class=\"cid\"><a href=\"#{_anchor(m)}\">{escape(m)}</a></td>"
+                        f"<td colspan=\"8\" class=\"missing\">no stored results loaded for this model</td>"
+                        f"<td>{_counts(mine)}</td></tr>")
+            continue
+        info = _run_info(ev)
+        rows.append(
+            f"<tr><td class=\"cid\"><a href=\"#{_anchor(m)}\">{escape(m)}</a></td>"
+            f"<td class=\"mono\">{escape(info['revision'])}</td><td class=\"num\">{escape(info['layers'])}</td>"
+            f"<td>{info['samples']}</td><td class=\"num\">{len(ev.failed)}</td><td class=\"num\">{ev.unscored}</td>"
+            f"<td>{escape(info['judge'])}</td><td>{escape(info['lens'])}</td><td>{escape(info['base'])}</td>"
+            f"<td>{_counts(mine)}</td></tr>")
+    return (
+        '<section class="card" id="overview"><h2>Overview</h2>'
+        '<p class="lead">One row per model. Failed samples could not be decoded or run; unscored '
+        "judgments (unparseable judge replies) are NaN and excluded from every mean, never counted as 0.</p>"
+        "<table><thead><tr><th>Model</th><th>Revision</th><th class=\"num\">Layers</th><th>Samples</th>"
+        "<th class=\"num\">Failed</th><th class=\"num\">Unscored</th><th>Judge</th><th>Logit lens</th>"
+        "<th>Base model</th><th>Verdicts</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table></section>"
+    )
+
+
+def _run_info(ev: Evidence) -> dict[str, str]:
+    recs = ev.records
+    revisions = sorted({str(r.meta.get("revision", "?")) for r in recs}) or ["?"]
+    ids_by_kind: dict[str, set[str]] = {}
+    audio_only = set()
+    for r in recs:
+        ids_by_kind.setdefault(r.kind, set()).add(r.sample_id)
+        if r.meta.get("role_counts", {}).get("video", 0) == 0:
+            audio_only.add(r.sample_id)
+    n_samples = len({r.sample_id for r in recs})
+    parts = [f"{len(v)} {escape(k)}" for k, v in sorted(ids_by_kind.items())]
+    if audio_only:
+        parts.append(f"{len(audio_only)} audio-only")
+    samples = (f"<b>{n_samples}</b> samples ({', '.join(parts)})" if recs else "none")
+    if len(ev.queries) > 1:
+        samples += f" × {len(ev.queries)} queries"
+    lens = sorted({bool(r.meta["lens"]["use_norm"]) for r in recs if r.meta.get("lens")})
+    lens_text = ("not run" if not lens else " / ".join(
+        "with final norm" if u else "without final norm (paper's code)" for u in lens))
+    tk = sorted({r.meta["lens"].get("top_k") for r in recs if r.meta.get("lens")} - {None})
+    if tk:
+        lens_text += f", top-{'/'.join(map(str, tk))}"
+    shift_bases = sorted({r.meta["shift"]["base_model"] for r in recs if r.meta.get("shift")})
+    judge = ev.judge_label or "?"
+    if ev.judge_proxy:
+        judge += " (weaker proxy)"
+    return {
+        "revision": ", ".join(revisions),
+        "layers": str(ev.n_layers) if recs else "?",
+        "samples": samples,
+        "judge": judge,
+        "lens": lens_text,
+        "base": ", ".join(shift_bases) or (f"{ev.base_model} (no shift results)" if ev.base_model else "none"),
+    }
+
+
+def _matrix(outcomes: list[ClaimOutcome], order: dict[str, int]) -> str:
+    models = []
+    for o in outcomes:
+        if o.model and o.model not in models:
+            models.append(o.model)
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for o in _sorted(outcomes, order):
+        rows.setdefault((o.claim_id, o.scope), {})[o.model] = o.status
+    head = "".join(f"<th>{escape(m)}</th>" for m in models)
+    body = []
+    for (cid, scope), cells in rows.items():
+        none = '<span class="v-none">—</span>'
+        tds = "".join(f"<td>{_verdict(cells[m]) if m in cells else none}</td>" for m in models)
+        body.append(f'<tr><td><span class="cid">{escape(cid)}</span> <span class="fig-ref">{escape(scope)}</span>'
+                    f"</td>{tds}</tr>")
+    return ('<section class="card" id="matrix"><h2>Claims × models</h2>'
+            '<p class="lead">A claim that cannot run is skipped with its reason, never passed. '
+            "Running the suite on a model that must listen (the control organism) is how we know the tests can fail.</p>"
+            f'<table class="matrix"><thead><tr><th>Claim (scope)</th>{head}</tr></thead><tbody>'
+            + "".join(body) + "</tbody></table></section>")
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return "—"
+    return f"{x:.{digits}g}"
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "—"
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}".rstrip("0").rstrip(".")
+
+
+def _claim_table(outcomes: list[ClaimOutcome], order: dict[str, int]) -> str:
+    if not outcomes:
+        return '<p class="missing">No claim outcomes were recorded for this model.</p>'
+    rows = []
+    for o in _sorted(outcomes, order):
+        if o.status == "skipped":
+            measured = f'<span class="skip-reason">{escape(o.skip_reason or "skipped")}</span>'
+            p = eff = n = "—"
+        else:
+            measured = _fmt(o.estimate)
+            if o.ci and None not in o.ci:
+                measured += f' <span class="fig-ref">[{_fmt(o.ci[0])}, {_fmt(o.ci[1])}]</span>'
+            p, eff, n = _fmt_p(o.p_value), escape(o.effect or "—"), ("—" if o.n is None else str(o.n))
+        detail = _claim_details(o)
+        model = f' <span class="fig-ref">{escape(o.model)}</span>' if " vs " in o.model else ""
+        rows.append(
+            f'<tr class="row-{escape(o.status)}"><td>{_verdict(o.status)}</td>'
+            f'<td><span class="cid">{escape(o.claim_id)}</span>{model}<div class="stmt">{escape(o.statement)}</div>'
+            f'<span class="fig-ref">{escape(o.figure)}</span>{detail}</td>'
+            f"<td>{escape(o.scope)}</td><td>{escape(o.paper_value)}</td><td class=\"num\">{measured}</td>"
+            f'<td class="num">{p}</td><td>{eff}</td><td class="num">{n}</td></tr>')
+    return ("<table><thead><tr><th>Verdict</th><th>Claim</th><th>Scope</th><th>Paper</th>"
+            '<th class="num">Measured [95% CI]</th><th class="num">p</th><th>Effect</th><th class="num">n</th>'
+            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _claim_details(o: ClaimOutcome) -> str:
+    inner = []
+    if o.summary:
+        inner.append(f"<div>{escape(o.summary)}</div>")
+    if o.parts:
+        items = "".join(
+            f'<li class="{"part-ok" if p.get("passed") else "part-no"}"><b>{escape(str(p.get("name", "")))}</b>: '
+            f'{escape(str(p.get("summary", "")))}</li>' for p in o.parts)
+        inner.append(f"<div>Sub-tests:</div><ul>{items}</ul>")
+    if o.notes:
+        inner.append("<div>Notes:</div><ul>" + "".join(f"<li>{escape(n)}</li>" for n in o.notes) + "</ul>")
+    if o.status == "skipped" and o.skip_reason:
+        inner.append(f"<div>Skipped: {escape(o.skip_reason)}</div>")
+    if not inner:
+        return ""
+    return f'<details><summary>statistics</summary><div class="stats">{"".join(inner)}</div></details>'
+
+
+def _model_section(model: str, outcomes: list[ClaimOutcome], ev: Evidence | None, order: dict[str, int],
+                   opts: ReportOptions) -> str:
+    out = [f'<section class="card" id="{_anchor(model)}"><h2>{escape(model)}</h2>',
+           f'<p class="lead">{_counts(outcomes)}</p>', "<h3>Claims</h3>", _claim_table(outcomes, order)]
+    if ev is None or not ev.records:
+        out.append('<p class="missing">No stored results for this model: the figures cannot be drawn.</p></section>')
+        return "".join(out)
+    if ev.failed:
+        items = "".join(f"<li><code>{escape(str(getattr(e, 'sample_id', e)))}</code>: "
+                        f"{escape(str(getattr(e, 'reason', '')))}</li>" for e in ev.failed[:20])
+        more = f"<li>… and {len(ev.failed) - 20} more</li>" if len(ev.failed) > 20 else ""
+        out.append(f"<details><summary>{len(ev.failed)} failed samples</summary>"
+                   f'<div class="stats"><ul>{items}{more}</ul></div></details>')
+    out.append("<h3>Our data, re-drawn as the paper's figures</h3>")
+    for name, fn in (("Table 1", _fig_fidelity), ("Fig. 2", _fig_flow), ("Fig. 3", _fig_lens),
+                     ("Fig. 5", _fig_knockout), ("Base-model shift", _fig_shift), ("Examples", _examples)):
+        out.append(_safe(name, fn, ev, opts))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _safe(name: str, fn: Callable[[Evidence, ReportOptions], str], ev: Evidence, opts: ReportOptions) -> str:
+    """A figure that cannot be drawn says why in the report; the rest still renders."""
+    try:
+        return fn(ev, opts)
+    except Exception as exc:  # noqa: BLE001 - one bad figure must not lose the verdicts
+        log.warning("report: %s of %s could not be drawn: %s", name, ev.model, exc, exc_info=True)
+        return f'<div class="error">{escape(name)} could not be drawn: {escape(type(exc).__name__)}: {escape(str(exc))}</div>'
+
+
+def _figure(title: str, content: str, caption: str) -> str:
+    return f'<figure class="fig"><h4>{escape(title)}</h4>{content}<figcaption>{caption}</figcaption></figure>'
+
+
+def _missing(text: str) -> str:
+    return f'<p class="missing">{escape(text)}</p>'
+
+
+# ---- numbers ---------------------------------------------------------------------------------
+
+
+def _mean_ci(x: np.ndarray) -> tuple[float, float, float, int]:
+    """Mean and a normal-approximation 95% interval over the finite values, and their count."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, math.nan, math.nan, 0
+    m = float(x.mean())
+    if x.size < 2:
+        return m, math.nan, math.nan, 1
+    h = 1.96 * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return m, m - h, m + h, int(x.size)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
+
+
+def _layer_region(layers: Sequence[int], label: str, color: str, y: tuple[float, float] | None = None,
+                  opacity: float = 0.12, tag: str = "") -> svg.Region:
+    lo, hi = (y if y is not None else (None, None))
+    return svg.Region(layers[0] - 0.5, layers[-1] + 0.5, label, color, lo, hi, opacity, tag)
+
+
+def _paper_layers(first: int, end: int, n_layers: int) -> tuple[int, ...]:
+    """The paper's layer range [first, end) of 36, scaled to a model of n_layers."""
+    return band(first / PAPER_DEPTH, end / PAPER_DEPTH, n_layers)
+
+
+# ---- Table 1: fidelities ---------------------------------------------------------------------
+
+
+def _fig_fidelity(ev: Evidence, opts: ReportOptions) -> str:
+    charts = []
+    for q in ev.queries:
+        groups = []
+        for kind in ("factual", "counterfactual"):
+            recs = ev.select(kind, q, modality="audio-video")
+            bars = []
+            for modality in ("audio", "video"):
+                m, lo, hi, n = _mean_ci(ev.scores(recs, "baseline", modality))
+                bars.append(svg.Bar(f"{modality} fidelity", m, svg.ROLE_COLORS[modality], lo, hi))
+            groups.append((f"{kind} (n={len(recs)})", bars))
+        charts.append(svg.bar_chart(groups, title=f'query "{q}"', y_label="mean fidelity", width=340))
+    cap = ("<b>Visual bias.</b> Mean audio and video fidelity of the baseline captions (judge: "
+           f"{escape(ev.judge_label or '?')}{', a weaker proxy' if ev.judge_proxy else ''}), with normal 95% intervals. "
+           "The paper: Qwen2.5-Omni-3B audio fidelity 53.6 on factual samples, 23.1 on counterfactuals (-57%). "
+           "A model that listens keeps its audio fidelity when the audio no longer matches the video.")
+    return _figure("Table 1 · fidelity, factual vs counterfactual", f'<div class="figrow">{"".join(charts)}</div>', cap)
+
+
+# ---- Fig. 2: attention flow ------------------------------------------------------------------
+
+
+def _fig_flow(ev: Evidence, opts: ReportOptions) -> str:
+    recs = ev.select(modality="audio-video")
+    if not recs:
+        return _figure("Fig. 2 · attention flow", _missing("No audio-visual samples."), "")
+    flow = ev.flow(recs)  # [N, L, R]
+    L = flow.shape[1]
+    series = []
+    for role in Role:
+        vals = flow[:, :, int(role)]
+        mean = np.nanmean(vals, axis=0) if np.isfinite(vals).any() else np.full(L, np.nan)
+        if role not in (Role.VIDEO, Role.AUDIO) and not (np.nan_to_num(mean) >= 0.01).any():
+            continue  # a role that never draws 1% (images in a video model) would only clutter
+        n = np.isfinite(vals).sum(0).clip(min=1)
+        se = np.nanstd(vals, axis=0, ddof=0) / np.sqrt(n)
+        series.append(svg.Series(role.label, tuple(mean.tolist()), svg.ROLE_COLORS[role.label],
+                                 lower=tuple((mean - 1.96 * se).tolist()), upper=tuple((mean + 1.96 * se).tolist()),
+                                 width=2.4 if role in (Role.VIDEO, Role.AUDIO) else 1.5))
+    regions = [_layer_region(_paper_layers(lo, hi, L), label, svg.ROLE_COLORS[role], y, 0.18, f"paper: {role}")
+               for role, (lo, hi), y, label in PAPER_FIG2]
+    chart = svg.line_chart(series, title="attention share of generated rows, per layer", x_label="layer",
+                           y_label="share of attention", y_range=(0.0, 1.0), percent=True, regions=regions,
+                           width=560, height=300)
+    kinds = Counter(r.kind for r in recs)
+    cap = ("<b>Where generated tokens look.</b> Mean attention mass that generated rows (including the last prompt "
+           "row, which predicts the first token) put on each role, per layer; mean over heads, generation steps and "
+           f"{len(recs)} sample-query records ({', '.join(f'{v} {escape(k)}' for k, v in sorted(kinds.items()))}); "
+           "bands are 95% intervals over samples. Shaded boxes: the paper's Fig. 2 statements (audio 40-50% in layers "
+           "0-5, video 20-40% in layers 15-30 of 36), scaled to this model's depth.")
+    return _figure("Fig. 2 · attention flow by layer", chart, cap)
+
+
+# ---- Fig. 3: logit lens ----------------------------------------------------------------------
+
+
+_BYTE_DECODER: dict[str, int] | None = None
+
+
+def display_token(tok: str) -> str:
+    """A vocabulary piece as text: byte-level BPE pieces decoded to UTF-8 (so 'é”®çĽĺ' shows
+    as 键盘), SentencePiece and GPT-2 space marks shown as spaces."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        # GPT-2's byte <-> printable-unicode table: printable bytes map to themselves, the rest
+        # to code points from 256 up, in byte order.
+        keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+        extra = 0
+        table = {}
+        for b in range(256):
+            if b in keep:
+                table[chr(b)] = b
+            else:
+                table[chr(256 + extra)] = b
+                extra += 1
+        _BYTE_DECODER = table
+    if tok and all(ch in _BYTE_DECODER for ch in tok) and any(ord(ch) > 127 for ch in tok):
+        try:
+            return bytes(_BYTE_DECODER[ch] for ch in tok).decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # a piece cut inside a multi-byte character: show it raw
+    return tok.replace("▁", " ").replace("Ġ", " ").replace("Ċ", "⏎")
+
+
+def _concepts(texts: Sequence[str]) -> set[str]:
+    return content_words(texts[0]) if texts else set()
+
+
+def _layer_token_sets(rec: SampleRecord) -> list[set[str]]:
+    """Per layer, the normalised tokens among the top-k at any audio position."""
+    ids = rec.arrays["lens_top_ids"]
+    vocab = rec.meta["vocab"]
+    return [{normalize_token(vocab.get(str(int(i)), "")) for i in np.unique(ids[layer])} for layer in range(ids.shape[0])]
+
+
+def _fig_lens(ev: Evidence, opts: ReportOptions) -> str:
+    recs = [r for r in ev.select("counterfactual", modality="audio-video")
+            if r.arrays.get("lens_top_ids") is not None and r.arrays["lens_top_ids"].size]
+    if not recs:
+        return _figure("Fig. 3 · logit lens at audio positions",
+                       _missing("No logit-lens results at audio positions for this model (the lens was not run, "
+                                "or the samples have no audio)."), "")
+    L = recs[0].arrays["lens_top_ids"].shape[0]
+    truth = [_concepts(r.meta["audio_captions"]) for r in recs]
+    seen = [_concepts(r.meta["video_captions"]) - t for r, t in zip(recs, truth)]
+    sets = [_layer_token_sets(r) for r in recs]
+    hit_true = np.zeros(L)
+    hit_seen = np.zeros(L)
+    chance = np.zeros(L)
+    n_chance = np.zeros(L)
+    for i, (s, t, v) in enumerate(zip(sets, truth, seen)):
+        # chance: the same test against other samples' sounds that share no word with this one (as the claim)
+        others = [o for j, o in enumerate(truth) if j != i and o and not (o & t)][:5]
+        for layer in range(min(L, len(s))):
+            hit_true[layer] += bool(s[layer] & t)
+            hit_seen[layer] += bool(s[layer] & v)
+            if others:
+                chance[layer] += np.mean([bool(s[layer] & o) for o in others])
+                n_chance[layer] += 1
+    n = len(recs)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        chance_rate = np.where(n_chance > 0, chance / np.maximum(n_chance, 1), np.nan)
+    fid = _nanmean(ev.scores(recs, "baseline", "audio"))
+    any_layer = float(np.mean([any(s[layer] & t for layer in range(len(s))) for s, t in zip(sets, truth)]))
+    use_norm = bool(recs[0].meta["lens"]["use_norm"]) if recs[0].meta.get("lens") else True
+    top_k = recs[0].meta["lens"].get("top_k", "?") if recs[0].meta.get("lens") else "?"
+    series = [
+        svg.Series("true sound", tuple((hit_true / n).tolist()), svg.ROLE_COLORS["audio"], width=2.4),
+        svg.Series("seen object", tuple((hit_seen / n).tolist()), svg.ROLE_COLORS["video"]),
+        svg.Series("chance (mismatched sounds)", tuple(chance_rate.tolist()), "#9ca3af", dash=True),
+    ]
+    chart = svg.line_chart(series, title="audio positions decoding to ...", x_label="layer",
+                           y_label="share of counterfactual samples", y_range=(0.0, 1.0), percent=True,
+                           hlines=[svg.HLine(fid, "caption audio fidelity", "#111827")], width=560, height=300)
+    cap = (f"<b>The audio is understood inside.</b> Share of {n} counterfactual sample-query records whose audio "
+           f"positions decode (logit lens {'with' if use_norm else 'without'} the final norm, top-{escape(str(top_k))}) "
+           "to a content word of the reference sound (blue), of the video's reference caption (orange), or of a "
+           f"mismatched sound (grey, chance), per layer. Any layer: {any_layer:.0%} of samples decode to the true "
+           f"sound; their baseline captions reach {_fmt(fid, 2)} audio fidelity (black dashed). The paper: 61.4% latent "
+           "audio understanding vs 23% caption audio fidelity. Concepts are matched by lexicon.")
+    return _figure("Fig. 3 · logit lens at audio positions", chart + _lens_table(ev, recs, opts), cap)
+
+
+def _lens_table(ev: Evidence, recs: list[SampleRecord], opts: ReportOptions) -> str:
+    shown = _spread(recs, opts.n_lens_samples)
+    if not shown:
+        return ""
+    L = shown[0].arrays["lens_top_ids"].shape[0]
+    layers = sorted({int(round(x)) for x in np.linspace(0, L - 1, min(L, opts.max_lens_rows))})
+    head = "".join(
+        f"<th><code>{escape(r.sample_id)}</code><br><span class=\"fig-ref\">hears: "
+        f"{escape((r.meta['audio_captions'] or ['?'])[0])}<br>sees: {escape((r.meta['video_captions'] or ['?'])[0])}"
+        "</span></th>" for r in shown)
+    rows = []
+    for layer in layers:
+        cells = []
+        for r in shown:
+            t = _concepts(r.meta["audio_captions"])
+            v = _concepts(r.meta["video_captions"]) - t
+            n_pos = max(1, r.arrays["lens_top_ids"].shape[1])
+            chips = []
+            for tok, count in ev.lens_top_tokens(r, layer, n=3):
+                norm = normalize_token(tok)
+                cls = " hit-audio" if norm in t else (" hit-video" if norm in v else "")
+                chips.append(f'<span class="chip{cls}">{escape(display_token(tok).strip() or "␣")}'
+                             f"<small>{count / n_pos:.0%}</small></span>")
+            cells.append(f"<td>{''.join(chips)}</td>")
+        rows.append(f'<tr><td class="layer">L{layer}</td>{"".join(cells)}</tr>')
+    return ("<h4>Most frequent top-1 tokens at the audio positions, per layer</h4>"
+            f'<table class="lens"><thead><tr><th>Layer</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            '<p class="fig-ref"><span class="chip hit-audio">true sound</span> <span class="chip hit-video">seen '
+            "object</span> percentages: share of audio positions whose top-1 is that token. Samples evenly spaced by id "
+            "(not selected for the effect).</p>")
+
+
+def _spread(items: Sequence[Any], k: int) -> list[Any]:
+    """k items evenly spaced over a sorted list: a fair handful, not a selection by outcome."""
+    if k <= 0 or not items:
+        return []
+    if len(items) <= k:
+        return list(items)
+    idx = sorted({int(round(x)) for x in np.linspace(0, len(items) - 1, k)})
+    return [items[i] for i in idx]
+
+
+# ---- Fig. 5: knockout sweeps -----------------------------------------------------------------
+
+
+def _fig_knockout(ev: Evidence, opts: ReportOptions) -> str:
+    from avprobe.stats import sweep_test
+
+    sweeps = {role: ev.sweep_keys(role) for role in ("video", "audio")}
+    if not any(sweeps.values()):
+        return _figure("Fig. 5 · attention knockout", _missing("No knockout sweep in the stored results."), "")
+    L = ev.n_layers
+    paper = band(*Protocol().paper_band, L)
+    blocks = []
+    for q in ev.queries:
+        panels = []
+        letter = iter("ABCD")
+        for kind in ("factual", "counterfactual"):
+            recs = ev.select(kind, q, modality="audio-video")
+            for modality in ("video", "audio"):
+                title = f"{next(letter)} · {kind} · {modality} fidelity"
+                if not recs:
+                    panels.append(f'<div class="missing" style="width:330px">{escape(title)}: no samples</div>')
+                    continue
+                base = ev.scores(recs, "baseline", modality)
+                series = []
+                for role, windows in sweeps.items():
+                    if not windows:
+                        continue
+                    per = [ev.scores(recs, w["key"], modality) for w in windows]
+                    means = tuple(_nanmean(p) for p in per)
+                    try:
+                        sig = sweep_test(base, per, "two-sided", alpha=opts.alpha, n_boot=opts.n_boot).significant
+                    except ValueError as exc:  # too few scored samples to test: draw without marks
+                        log.info("knockout %s %s %s: no window test: %s", kind, modality, role, exc)
+                        sig = (False,) * len(per)
+                    centres = tuple(float(i) for i in range(len(windows)))
+                    series.append(svg.Series(ARROW[role], means, KO_COLORS[role], xs=centres, marks=tuple(sig)))
+                panels.append(svg.line_chart(
+                    series, title=f"{title} (n={len(recs)})", x_label="window centre layer", y_label="mean fidelity",
+                    y_range=(0.0, 1.0), x_range=(0, max(L - 1, 1)),
+                    regions=[_layer_region(paper, "paper's band: layers 15-30 of 36", "#6b7280", tag="paper band")],
+                    hlines=[svg.HLine(_nanmean(base), "baseline")], width=330, height=240))
+        blocks.append(f'<h4>query "{escape(q)}"</h4><div class="figrow">{"".join(panels)}</div>'
+                      + _band_table(ev, q))
+    w = int(ev.records[0].meta.get("window", 0))
+    cap = (f"<b>Where each modality reaches the caption.</b> Knockout of attention from every generated row to video "
+           f"(G↛V, orange) or audio (G↛A, blue) keys in a window of {w} layers, swept over depth (x: the window's "
+           "centre); mean fidelity of the knocked-out captions; dashed: baseline. Filled dots: the window differs from "
+           f"the baseline (paired test, two-sided, Holm-corrected over windows, α={opts.alpha}). Grey band: the paper's "
+           "layers 15-30 of 36, scaled. The paper (Fig. 5): flat curves on factual samples (A, B); on counterfactuals "
+           "G↛V lowers video fidelity (C) and raises audio fidelity by ~50% (D).")
+    return _figure("Fig. 5 · attention knockout sweeps", "".join(blocks), cap)
+
+
+def _band_table(ev: Evidence, query: str) -> str:
+    """Knockouts over whole bands (paper band, early band, all layers, with own sight words)."""
+    w = int(ev.records[0].meta.get("window", 0))
+    conds = [c for c in ev.condition_keys()
+             if c["blocked"] and (len(c["layers"]) > w or len(c["layers"]) >= ev.n_layers)]
+    if not conds:
+        return ""
+    cols = [(k, m) for k in ("factual", "counterfactual") for m in ("audio", "video")]
+    recs = {k: ev.select(k, query, modality="audio-video") for k in ("factual", "counterfactual")}
+    base = {(k, m): _nanmean(ev.scores(recs[k], "baseline", m)) for k, m in cols}
+    head = "".join(f'<th class="num">{escape(k)} {escape(m)}</th>' for k, m in cols)
+    rows = [f'<tr><td>baseline</td>{"".join(f"<td class=num>{_fmt(base[c], 2)}</td>" for c in cols)}</tr>']
+    for c in conds:
+        cells = []
+        for k, m in cols:
+            v = _nanmean(ev.scores(recs[k], c["key"], m))
+            d = v - base[(k, m)]
+            sign = f' <span class="fig-ref">({d:+.2f})</span>' if math.isfinite(d) else ""
+            cells.append(f'<td class="num">{_fmt(v, 2)}{sign}</td>')
+        rows.append(f"<tr><td>{escape(_pretty_label(c['label']))}</td>{''.join(cells)}</tr>")
+    return ("<details><summary>knockouts over whole bands (mean fidelity, change from baseline)</summary>"
+            f'<table><thead><tr><th>Condition</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></details>')
+
+
+def _pretty_label(label: str) -> str:
+    return label.replace("G-/->", "G↛")
+
+
+# ---- base-model shift ------------------------------------------------------------------------
+
+
+def _shift_classes(rec: SampleRecord) -> list[str]:
+    same = rec.arrays["shift_top1_same"].astype(bool)
+    top3 = rec.arrays["shift_in_top3"].astype(bool)
+    return ["sh-same" if s else ("sh-top3" if t else "sh-shift") for s, t in zip(same, top3)]
+
+
+def _fig_shift(ev: Evidence, opts: ReportOptions) -> str:
+    recs = [r for r in ev.select(modality="audio-video") if "shift_kl" in r.arrays and len(r.arrays["shift_kl"])]
+    if not recs:
+        return _figure("Base-model shift of caption tokens",
+                       _missing("No base-model shift results for this model (no vision-only base model was given)."),
+                       "")
+    tallies = {"all caption tokens": Counter(), "audio-event tokens": Counter()}
+    kls: dict[str, list[float]] = {k: [] for k in tallies}
+    for r in recs:
+        cls = _shift_classes(r)
+        kl = r.arrays["shift_kl"].astype(float)
+        mask = ev.audio_token_mask(r)
+        for i, c in enumerate(cls):
+            tallies["all caption tokens"][c] += 1
+            kls["all caption tokens"].append(kl[i])
+            if i < len(mask) and mask[i]:
+                tallies["audio-event tokens"][c] += 1
+                kls["audio-event tokens"].append(kl[i])
+    groups = []
+    for name, t in tallies.items():
+        total = sum(t.values())
+        groups.append((f"{name} (n={total})", [
+            svg.Bar(lab, t[c] / total if total else math.nan, SHIFT_COLORS[c])
+            for c, lab in (("sh-same", "same top-1 as base"), ("sh-top3", "within base top-3"),
+                           ("sh-shift", "shifted"))]))
+    chart = svg.bar_chart(groups, title="caption tokens vs the vision-only base", y_label="share of tokens",
+                          percent=True, width=460)
+    base_name = recs[0].meta["shift"]["base_model"] if recs[0].meta.get("shift") else (ev.base_model or "?")
+    kl_all = _nanmean(np.array(kls["all caption tokens"]))
+    kl_audio = _nanmean(np.array(kls["audio-event tokens"]))
+    cap = (f"<b>Does audio move the caption away from the vision-only base?</b> The AV model's baseline caption is "
+           f"teacher-forced through its base <code>{escape(base_name)}</code> (video and query, no audio); per token: "
+           "the AV model's token is the base's top-1 (blue), within the base's top 3 (yellow) or neither (red). "
+           f"Mean KL(AV‖base) per token: {_fmt(kl_all, 3)} over all {len(kls['all caption tokens'])} tokens of "
+           f"{len(recs)} records, {_fmt(kl_audio, 3)} over audio-event tokens (the words of the caption's hearing "
+           "clause). The paper: KL 0.4; of audio-event tokens 66% keep the base's top-1 and 85% are in its top 3.")
+    shown = _shift_samples(recs, opts.n_token_samples)
+    samples = "".join(_token_box(ev, r, opts) for r in shown)
+    legend = ("<p class=\"fig-ref\">Click a caption token to highlight its row: the attention it gave while it was "
+              "generated (mean over heads and layers): share per role (absolute), and per second of video and audio "
+              "(opacity relative to the sample's most-attended second). Hover a token for its numbers."
+              f'<span class="swatch" style="background:{SHIFT_COLORS["sh-same"]}"></span>same top-1'
+              f'<span class="swatch" style="background:{SHIFT_COLORS["sh-top3"]}"></span>within top 3'
+              f'<span class="swatch" style="background:{SHIFT_COLORS["sh-shift"]}"></span>shifted</p>')
+    return _figure("Base-model shift of caption tokens", chart + legend + samples, cap)
+
+
+def _shift_samples(recs: list[SampleRecord], k: int) -> list[SampleRecord]:
+    """Counterfactual samples first (where a shift would show listening), then factual; one query."""
+    if not recs:
+        return []
+    q = sorted({r.query for r in recs})[0]
+    cf = [r for r in recs if r.kind == "counterfactual" and r.query == q]
+    fa = [r for r in recs if r.kind != "counterfactual" and r.query == q]
+    n_cf = min(len(cf), max(1, k - k // 2) if fa else k)
+    return _spread(cf, n_cf) + _spread(fa, k - n_cf)
+
+
+def _token_box(ev: Evidence, rec: SampleRecord, opts: ReportOptions) -> str:
+    vocab = rec.meta["vocab"]
+    base = rec.conditions[0]
+    ids = list(base["token_ids"])[: opts.max_tokens]
+    toks = [display_token(vocab.get(str(int(t)), "?")) for t in ids]
+    cls = _shift_classes(rec) if "shift_kl" in rec.arrays else []
+    kl = rec.arrays["shift_kl"].astype(float) if "shift_kl" in rec.arrays else np.zeros(0)
+    base_top1 = rec.arrays.get("shift_base_top1")
+    steps = rec.arrays.get("flow_steps")  # [T, L, R]
+    buckets = rec.arrays.get("bucket_flow")  # [T, L, NB]
+    labels = list(rec.meta.get("bucket_labels") or [])
+    role_share = steps.astype(np.float64).mean(1) if steps is not None else None  # [T, R]
+    bucket_share = buckets.astype(np.float64).mean(1) if buckets is not None else None  # [T, NB]
+    vcols = [(i, lab) for i, lab in enumerate(labels) if lab.startswith("video@")]
+    acols = [(i, lab) for i, lab in enumerate(labels) if lab.startswith("audio@")]
+
+    spans = []
+    for i, tok in enumerate(toks):
+        c = cls[i] if i < len(cls) else "sh-none"
+        tip = [f"token {i}: {tok.strip()!r}"]
+        if i < len(kl):
+            tip.append(f"KL(AV‖base) {kl[i]:.3f}")
+        if base_top1 is not None and i < len(base_top1):
+            tip.append(f"base top-1 {display_token(vocab.get(str(int(base_top1[i])), '?')).strip()!r}")
+        if role_share is not None and i < len(role_share):
+            top = sorted(((role_share[i, int(r)], r.label) for r in Role), reverse=True)[:3]
+            tip.append("attention " + ", ".join(f"{lab} {v:.0%}" for v, lab in top if math.isfinite(v)))
+        if bucket_share is not None and i < len(bucket_share) and (vcols or acols):
+            j, lab = max(vcols + acols, key=lambda il: bucket_share[i, il[0]])
+            tip.append(f"most-attended second {lab} ({bucket_share[i, j]:.1%})")
+        spans.append(f'<span class="tok {c}" data-tok="{i}" title="{escape(" · ".join(tip))}">'
+                     f"{escape(tok.strip() or '␣')}</span>")
+    more = (f' <span class="fig-ref">… {len(base["token_ids"]) - len(ids)} more tokens</span>'
+            if len(base["token_ids"]) > len(ids) else "")
+    fa, fv = (ev.fidelity.get((rec.sample_id, rec.query, "baseline"), (math.nan, math.nan)))
+    meta = (f'<span class="kind kind-{escape(rec.kind)}">{escape(rec.kind)}</span> <code>{escape(rec.sample_id)}</code> '
+            f"· hears: {escape((rec.meta['audio_captions'] or ['?'])[0])} · sees: "
+            f"{escape((rec.meta['video_captions'] or ['?'])[0])} · fidelity audio {_fmt(fa, 2)}, video {_fmt(fv, 2)}")
+    heat = ""
+    if role_share is not None or bucket_share is not None:
+        heat = _token_heatmap(toks, cls, role_share, bucket_share, vcols, acols)
+    return (f'<div class="tokbox"><div class="meta">{meta}</div>'
+            f'<div class="caption-tokens">{"".join(spans)}{more}</div>{heat}</div>')
+
+
+def _token_heatmap(toks: list[str], cls: list[str], role_share: np.ndarray | None, bucket_share: np.ndarray | None,
+                   vcols: list[tuple[int, str]], acols: list[tuple[int, str]]) -> str:
+    n = len(toks)
+    if role_share is not None:
+        n = min(n, len(role_share))
+    if bucket_share is not None:
+        n = min(n, len(bucket_share))
+    roles = [r for r in Role if role_share is not None and (r in (Role.VIDEO, Role.AUDIO)
+                                                            or np.nanmax(role_share[:n, int(r)], initial=0) >= 0.01)]
+    values = [[] for _ in range(n)]
+    col_labels: list[str] = []
+    colors: list[str] = []
+    vmax: list[float] = []
+    groups = []
+    if roles:
+        groups.append(("role", 0, len(roles)))
+        for r in roles:
+            col_labels.append(r.label[0].upper())
+            colors.append(svg.ROLE_COLORS[r.label])
+            vmax.append(1.0)
+            for i in range(n):
+                values[i].append(float(role_share[i, int(r)]))
+    # one scale for the seconds of both modalities, so their magnitudes compare
+    sec = [j for j, _ in vcols + acols]
+    top = float(np.nanmax(bucket_share[:n, sec], initial=0.0)) if bucket_share is not None and sec else 0.0
+    for name, cols, color in (("video s", vcols, svg.ROLE_COLORS["video"]), ("audio s", acols, svg.ROLE_COLORS["audio"])):
+        if bucket_share is None or not cols:
+            continue
+        start = len(col_labels)
+        for j, lab in cols:
+            col_labels.append(lab.split("@", 1)[1].rstrip("s"))
+            colors.append(color)
+            vmax.append(top if top > 0 else 1.0)
+            for i in range(n):
+                values[i].append(float(bucket_share[i, j]))
+        groups.append((name, start, len(col_labels)))
+    if not col_labels or n == 0:
+        return ""
+    rows = [f"{i}: {t.strip()[:12] or '␣'}" for i, t in enumerate(toks[:n])]
+    return svg.heatmap(values, rows, col_labels, col_colors=colors, col_vmax=vmax,
+                       row_classes=[cls[i] if i < len(cls) else "sh-none" for i in range(n)], col_groups=groups,
+                       label="attention per caption token")
+
+
+# ---- examples --------------------------------------------------------------------------------
+
+
+def _examples(ev: Evidence, opts: ReportOptions) -> str:
+    q = ev.queries[0] if ev.queries else None
+    L = ev.n_layers
+    p = Protocol()
+    conds = [("baseline", "baseline")]
+    for name, layers in (("paper band", band(*p.paper_band, L)), ("early band", band(*p.early_band, L)),
+                         ("all layers", tuple(range(L)))):
+        key = ev.find_condition(("video",), layers)
+        if key is not None and key not in [k for k, _ in conds]:
+            conds.append((key, f"G↛V, {name} (L{layers[0]}-{layers[-1]})"))
+    rows = []
+    for kind in ("factual", "counterfactual"):
+        for r in _spread(ev.select(kind, q, modality="audio-video"), opts.n_examples):
+            cells = []
+            for key, _ in conds:
+                try:
+                    text = r.caption(key)
+                except KeyError:
+                    cells.append('<td class="ref">not run</td>')
+                    continue
+                fa, fv = ev.fidelity.get((r.sample_id, r.query, key), (math.nan, math.nan))
+                cells.append(f"<td>{escape(text)}<span class=\"fid\"><b class=\"a\">A</b> {_fmt(fa, 2)} · "
+                             f"<b class=\"v\">V</b> {_fmt(fv, 2)}</span></td>")
+            rows.append(
+                f'<tr><td class="ref"><span class="kind kind-{escape(kind)}">{escape(kind)}</span><br>'
+                f"<code>{escape(r.sample_id)}</code><br>hears: {escape((r.meta['audio_captions'] or ['?'])[0])}<br>"
+                f"sees: {escape((r.meta['video_captions'] or ['?'])[0])}</td>{''.join(cells)}</tr>")
+    if not rows:
+        return _figure("Examples", _missing("No audio-visual samples to show."), "")
+    head = "".join(f"<th>{escape(label)}</th>" for _, label in conds)
+    table = (f'<table class="examples"><thead><tr><th>Sample (references)</th>{head}</tr></thead>'
+             f'<tbody>{"".join(rows)}</tbody></table>')
+    cap = (f'Captions for query "{escape(q or "")}" under the baseline and with generated→video attention blocked; '
+           "A / V: judged audio / video fidelity. Samples evenly spaced by id, not selected for the effect.")
+    return _figure("Examples · captions under baseline and G↛V", table, cap)

@@ -37,6 +37,9 @@ class EngineConfig:
     record_buckets: bool = True  # per-frame / per-second attention of the baseline row
     lens: LensConfig | None = None  # logit lens at audio positions (during the prefill)
     keep_logprobs: bool = False  # baseline row's log-probs per step (for the base-model shift)
+    # Never pick an EOS token, so every row decodes exactly max_new_tokens (as HF's
+    # min_new_tokens does); benchmarks use it so that every method does equal work.
+    suppress_eos: bool = False
 
 
 @dataclass
@@ -58,6 +61,9 @@ class RunResult:
     bucket_flow: np.ndarray | None = None  # [T, L, NB] baseline row, mean over heads
     lens: LensResult | None = None
     logprobs: torch.Tensor | None = None  # [T, V] baseline row, float32 (only if kept)
+    # bytes of keys/values held by the decode: "prefix" (shared, independent of the number
+    # of conditions) and "suffix" (the rows' own generated positions)
+    memory: dict[str, int] = field(default_factory=dict)
 
     def output(self, condition: Condition) -> ConditionOutput:
         for o in self.outputs:
@@ -132,8 +138,12 @@ def run(
         roles[: P - 1], int(roles[P - 1]), record=config.record_attention,
         buckets=buckets, bucket_row=base_row,
     )
+    # The session keeps its own role-ordered copy of the prefix: drop the captured one.
+    capture.keys.clear()
+    capture.values.clear()
     tracker = RuleTracker(masks.rules)
     eos = adapter.eos_ids
+    eos_idx = torch.tensor(sorted(eos), dtype=torch.long, device=dev) if config.suppress_eos and eos else None
     last_pos = mi.positions[:, 0, P - 1].to(dev)  # [3]
     tokens = torch.full((B,), int(mi.input_ids[0, P - 1]), dtype=torch.long, device=dev)
     out_ids: list[list[int]] = [[] for _ in range(B)]
@@ -149,6 +159,8 @@ def run(
             logits = unembed(h.last_hidden_state[:, -1]).float()
             if logprobs is not None:
                 logprobs.append(torch.log_softmax(logits[base_row], -1).cpu())
+            if eos_idx is not None:
+                logits.index_fill_(1, eos_idx, float("-inf"))
             nxt = logits.argmax(-1)
             nl = nxt.tolist()
             for i in range(B):
@@ -188,6 +200,7 @@ def run(
         bucket_flow=bucket_flow,
         lens=lens_result,
         logprobs=torch.stack(logprobs[: steps_taken[base_row]]) if logprobs else None,
+        memory=session.memory_bytes(),
     )
 
 

@@ -198,3 +198,34 @@ def test_rejects_out_of_range_layers():
     adapter, mi = _adapter("qwen2_5_omni"), _inputs("qwen2_5_omni")
     with pytest.raises(ValueError, match="out of range"):
         run(adapter, mi, [Knockout((Role.VIDEO,), (7,))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_prefix_attention_equals_explicit_path(dtype, monkeypatch):
+    """The CPU fused kernel per role segment, merged by log-sum-exp, is the explicit softmax."""
+    assert attn._fused_cpu_available(), "this torch has no fused CPU kernel: the comparison would be vacuous"
+    adapter = tiny_adapter("qwen2_5_omni", n_layers=4, seed=4)
+    adapter.model.to(dtype)
+    mi = adapter.build_inputs(random_media(seed=5), QUERY)
+    rule = SpanRule("any-a", token_ids=frozenset({int(t) for t in mi.input_ids[0, :4]}))
+    conds = [Baseline(), Knockout((Role.VIDEO,), (1, 2)), Knockout((Role.AUDIO, rule), (0, 3)),
+             Knockout((Role.QUERY,), (0, 1, 2, 3))]
+    cfg = EngineConfig(max_new_tokens=6)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(attn, "USE_FUSED", fused)
+        results[fused] = run(adapter, mi, conds, cfg)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    for a, b in zip(results[True].outputs, results[False].outputs, strict=True):
+        assert a.token_ids == b.token_ids, a.condition.label()
+        np.testing.assert_allclose(a.flow, b.flow, atol=tol)
+    np.testing.assert_allclose(results[True].bucket_flow, results[False].bucket_flow, atol=tol)
+
+
+def test_prefix_memory_is_independent_of_condition_count():
+    adapter, mi = _adapter("qwen2_5_omni"), _inputs("qwen2_5_omni")
+    few = run(adapter, mi, [Baseline()], EngineConfig(max_new_tokens=4, suppress_eos=True))
+    many = run(adapter, mi, [Baseline(), *sweep(Role.VIDEO, 4, 2), *sweep(Role.AUDIO, 4, 2)],
+               EngineConfig(max_new_tokens=4, suppress_eos=True))
+    assert few.memory["prefix"] == many.memory["prefix"] > 0
+    assert many.memory["suffix"] == 9 * few.memory["suffix"] > 0  # the rows' own suffixes grow

@@ -19,7 +19,7 @@ _AREAS = {
     "dataset": "avprobe.media.cli",
     "judge": "avprobe.judge.cli",
     "report": "avprobe.report.cli",
-    "bench": "avprobe.bench_cli",
+    "bench": "avprobe.bench.cli",
 }
 
 
@@ -31,14 +31,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is not None and name != only:
             sub.add_parser(name, help=f"(see avprobe {name} --help)")
             continue
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            sub.add_parser(name, help="(not available in this build)")
-            continue
-        mod.register(sub)
+        importlib.import_module(module).register(sub)  # a missing area module is a bug: let it raise
     return parser
 
 

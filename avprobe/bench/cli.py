@@ -1,0 +1,119 @@
+"""`avprobe bench`: avprobe's engine against the paper's protocol (see avprobe/bench/engine.py).
+
+    avprobe bench --shape tiny --repeats 1                   # seconds, a smoke run
+    avprobe bench --shape cpu --memory [--explicit-prefix]
+    python benchmarks/bench_engine.py --shape cpu            # the same command, as a script
+
+Writes the report JSON (`--out`) and prints it as tables. `pip install -e .[bench]` adds the
+nnsight peer (the `nnsight` method; skipped, and said so, without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from avprobe.bench import METHODS, SHAPES
+
+
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by `avprobe bench`, the script and the memory child)."""
+    p.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--samples", type=_at_least_one, default=1)
+    p.add_argument("--conditions", type=_at_least_one, default=None, help="default: 1 + 2 x layers (the paper's sweep)")
+    p.add_argument("--window", type=int, default=None, help="knockout window (default: layers // 4)")
+    p.add_argument("--new-tokens", type=_at_least_one, default=None)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="engine is always needed: ratios and the token check are against it")
+    p.add_argument("--repeats", type=_at_least_one, default=3, help="rounds for engine and floor")
+    p.add_argument("--slow-repeats", type=_at_least_one, default=1, help="rounds for naive, careful, nnsight")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    p.add_argument("--memory", action="store_true", help="peak memory per method (child processes)")
+    p.add_argument("--flow-memory", action="store_true", help="attention-flow memory at ~4,300 prompt tokens")
+    p.add_argument("--explicit-prefix", action="store_true",
+                   help="prompt prefix through matrix products, not the fused CPU kernel (to compare the two)")
+    p.add_argument("--out", type=Path, default=Path("reports/bench.json"))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # the memory child's method
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A standalone parser with the benchmark's options (the memory child parses with it)."""
+    p = argparse.ArgumentParser(prog="avprobe bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return p
+
+
+def register(subparsers) -> None:
+    """Add the `bench` subcommand."""
+    p = subparsers.add_parser("bench", help="time and measure the engine against the paper's protocol",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.child:  # the memory child runs `python -m avprobe.bench.engine`; this gives the same answer
+        from avprobe.bench.engine import run_child
+
+        print(json.dumps(run_child(args)))
+        return 0
+    from avprobe.bench.engine import benchmark
+
+    report = benchmark(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    render(report)
+    return 0
+
+
+def render(report: dict[str, Any]) -> None:
+    """Print the report as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    path = "fused CPU kernel" if report["fused_prefix"] else "explicit matrix products"
+    con.print(f"[bold]{report['model']}[/] on {report['device']} ({report['dtype']}, {report['threads']} threads): "
+              f"{report['conditions']} conditions x {report['new_tokens']} tokens, window {report['window']}, "
+              f"prompt prefix through {path}")
+    for m, why in report["skipped"].items():
+        con.print(f"[yellow]skipped {m}: {why}")
+    for s in report["samples"]:
+        t = Table(title=f"sample {s['sample']}: {s['prompt_len']} prompt tokens (median seconds)")
+        for col in ("method", "seconds", "x engine", "per condition"):
+            t.add_column(col, justify="right")
+        for m, v in s["timing"].items():
+            ratio = v["seconds"] / s["timing"]["engine"]["seconds"]
+            pc = v.get("per_condition_median")
+            t.add_row(m, f"{v['seconds']:.2f}", f"{ratio:.2f}", f"{pc:.2f}" if pc else "")
+        con.print(t)
+        con.print(f"tokens equal to the engine's for every condition: {', '.join(s['timing'])}")
+    if "memory" in report:
+        t = Table(title="peak memory above the loaded model (MB)")
+        for col in ("run", "conditions", "peak RSS", "above model", "prefix K/V", "suffix K/V"):
+            t.add_column(col, justify="right")
+        for name, v in report["memory"].items():
+            kv = v.get("kv_bytes") or {}
+            t.add_row(name, str(v["conditions"]), f"{v['peak_rss_mb']:.0f}",
+                      f"{v['peak_above_model_mb']:.0f}" if v["peak_above_model_mb"] is not None else "n/a",
+                      f"{kv['prefix'] / 2**20:.1f}" if kv else "", f"{kv['suffix'] / 2**20:.1f}" if kv else "")
+        con.print(t)
+    if "flow_memory" in report:
+        f = report["flow_memory"]
+        e, n = f["engine"]["peak_above_model_mb"], f["eager_output_attentions"]["peak_above_model_mb"]
+        if e is None or n is None:  # a peak reached while building the model hides the method's own
+            con.print("attention flow memory: n/a (the peak was reached before the method ran)")
+        else:
+            con.print(f"attention flow at {f['engine']['prompt_len']} prompt tokens: engine {e:.0f} MB, "
+                      f"eager output_attentions {n:.0f} MB (engine/eager = {e / n:.3f})")

@@ -1,0 +1,405 @@
+"""avprobe's engine against the paper's protocol, side by side, on one model and one sweep.
+
+The sweep is the paper's full knockout protocol for one sample: the baseline, G-/->A and
+G-/->V windows centred on every depth (1 + 2L conditions), the attention flow and the logit
+lens. Methods (see avprobe/bench/naive.py): `naive` (the paper's code: eager, one generate per
+condition), `nnsight` (the same written with nnsight, when installed), `careful` (sdpa, one
+generate per condition), `engine` (avprobe.engine.run: one prefill, one batched decode of
+all conditions with recording and lens) and `floor` (one prefill plus one shared-prefix
+batched decode, nothing recorded). Each method's first run is checked: the benchmark fails
+(an AssertionError naming the method) unless it produced the engine's tokens for every
+condition, and the report keeps the engine's tokens per condition.
+
+Timing: all methods run in one process, in rounds (fast methods every round, slow ones in
+the first `--slow-repeats`), medians reported. Memory (`--memory`): each method runs once
+in a child process of its own and reports its peak RSS above the loaded model (CPU), or
+`torch.cuda.max_memory_allocated` (GPU); the child is `python -m avprobe.bench.engine --child
+METHOD ...`. `--explicit-prefix` turns the fused CPU attention kernel off for the prompt
+prefix (`avprobe.probes.attention.USE_FUSED = False`), in the children too, so that the two
+paths can be compared; the report records it as `fused_prefix`.
+
+    avprobe bench --shape tiny --repeats 1                   # seconds, a smoke run
+    avprobe bench --shape cpu [--explicit-prefix]            # 12 layers, ~2,200-token prompt
+    python benchmarks/bench_engine.py --shape cpu            # the same, as a script
+    avprobe bench --device cuda --dtype bfloat16 --shape qwen2.5-omni-3b
+
+The command line (options, rendering) is avprobe/bench/cli.py; this module never prints,
+except as the memory child, whose one JSON line on stdout is its answer to the parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import avprobe
+from avprobe.adapters.base import AdapterSettings, ModelAdapter, ModelInputs
+from avprobe.bench import FAST, METHODS, SHAPES, Shape, naive
+from avprobe.conditions import Baseline, Condition, Knockout, sweep
+from avprobe.engine import EngineConfig, RunResult, run
+from avprobe.probes import attention
+from avprobe.probes.logit_lens import LensConfig
+from avprobe.types import Role
+
+log = logging.getLogger(__name__)
+QUERY = "describe what you see and hear"
+
+
+def qwen25_omni_3b_config() -> Any:
+    """The Qwen2.5-Omni-3B thinker's architecture (random weights), with the tiny tokenizer's
+    special ids: 36 layers, hidden 2048, 16 heads, 2 kv heads, vocab 151936."""
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    from avprobe.testing import _ids
+
+    ids = _ids()
+    text = dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=128, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        rms_norm_eps=1e-6, pad_token_id=ids["pad"], eos_token_id=ids["eos"], tie_word_embeddings=False,
+    )
+    cfg = Qwen2_5OmniThinkerConfig(
+        text_config=text,
+        audio_config=dict(
+            num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+            encoder_ffn_dim=5120, output_dim=2048, n_window=100, max_source_positions=1500,
+        ),
+        vision_config=dict(
+            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            fullatt_block_indexes=[7, 15, 23, 31], window_size=112,
+        ),
+        audio_token_id=ids["audio"], video_token_id=ids["video"], image_token_id=ids["image"],
+        audio_start_token_id=ids["audio_start"], audio_end_token_id=ids["audio_end"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+        pad_token_id=ids["pad"], eos_token_id=ids["eos"],
+    )
+    cfg.architectures = ["Qwen2_5OmniThinkerForConditionalGeneration"]
+    return cfg
+
+
+def build_adapter(shape: Shape, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> tuple[ModelAdapter, str]:
+    """(adapter, description). `organism` loads the trained organism when present."""
+    from avprobe.adapters import OmniThinkerAdapter
+    from avprobe.testing import tiny_omni, tiny_tokenizer
+
+    settings = AdapterSettings(use_audio_in_video=True, min_pixels=56 * 56, max_pixels=shape.size * shape.size)
+    if shape.name == "organism":
+        try:
+            from avprobe.adapters.registry import load
+
+            adapter = load("organism", device=device, dtype=dtype)
+            return adapter, "the trained organism"
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            log.warning("organism not available (%s); using a random 8-layer Omni thinker instead", exc)
+            desc = "stand-in: random 8-layer Omni thinker (organism not trained yet)"
+    else:
+        desc = f"random Omni thinker, {shape.n_layers} layers, hidden {shape.hidden}"
+    torch.manual_seed(seed)
+    if shape.name == "qwen2.5-omni-3b":
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        with torch.device(device):
+            model = Qwen2_5OmniThinkerForConditionalGeneration(qwen25_omni_3b_config())
+        desc = "Qwen2.5-Omni-3B thinker architecture, random weights"
+    else:
+        model = tiny_omni(n_layers=shape.n_layers, hidden=shape.hidden, seed=seed)
+    model = model.eval().to(device=device, dtype=getattr(torch, dtype))
+    return OmniThinkerAdapter(model, tiny_tokenizer(), settings, name=f"bench-{shape.name}"), desc
+
+
+def build_inputs(adapter: ModelAdapter, shape: Shape, sample: int) -> ModelInputs:
+    from avprobe.testing import random_media
+
+    media = random_media(seconds=shape.seconds, fps=shape.fps, size=shape.size, seed=1000 + sample)
+    return adapter.build_inputs(media, QUERY)
+
+
+def _distinct_conditions(n_layers: int, window: int) -> tuple[list[Condition], int]:
+    """(every distinct condition, in order; how many of them are the paper's sweep)."""
+    conds: list[Condition] = [Baseline(), *sweep(Role.AUDIO, n_layers, window), *sweep(Role.VIDEO, n_layers, window)]
+    extra = [*sweep((Role.AUDIO, Role.VIDEO), n_layers, window), *sweep(Role.QUERY, n_layers, window)]
+    extra += [Knockout((Role.AUDIO,), tuple(range(lo, n_layers))) for lo in range(n_layers)]
+    return list(dict.fromkeys(conds + extra)), len(conds)  # distinct, order kept
+
+
+def max_conditions(n_layers: int, window: int) -> int:
+    """The most conditions sweep_conditions can give for this depth and window."""
+    return len(_distinct_conditions(n_layers, window)[0])
+
+
+def sweep_conditions(n_layers: int, window: int, count: int | None = None) -> list[Condition]:
+    """The paper's sweep: baseline + G-/->A and G-/->V windows centred on every depth
+    (1 + 2L). `count` trims it, or extends it with G-/->A+V and G-/->query sweeps."""
+    out, paper = _distinct_conditions(n_layers, window)
+    n = paper if count is None else count
+    if n > len(out):
+        raise ValueError(f"at most {len(out)} distinct conditions for a {n_layers}-layer model, asked for {n}")
+    return out[:n]
+
+
+def engine_config(max_new_tokens: int, record: bool = True) -> EngineConfig:
+    return EngineConfig(
+        max_new_tokens=max_new_tokens, record_attention=record, record_buckets=record,
+        lens=LensConfig() if record else None, suppress_eos=True,
+    )
+
+
+@contextmanager
+def prefix_path(explicit: bool) -> Iterator[None]:
+    """With `explicit`, the prompt prefix goes through matrix products instead of the fused
+    CPU kernel for the block; the previous setting is restored after, so an in-process run
+    (a test) leaves the module as it found it."""
+    saved = attention.USE_FUSED
+    attention.USE_FUSED = saved and not explicit
+    try:
+        yield
+    finally:
+        attention.USE_FUSED = saved
+
+
+def fused_prefix_used(device: str) -> bool:
+    """Whether block_attention takes the fused kernel on `device` under the current setting."""
+    return bool(attention.USE_FUSED and torch.device(device).type == "cpu" and attention._fused_cpu_available())
+
+
+def method_fn(name: str, adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition], T: int,
+              first_token: bool = True) -> Callable[[], Any]:
+    """A zero-argument callable that runs the whole sweep with method `name`."""
+    if name == "engine":
+        return lambda: run(adapter, mi, conds, engine_config(T))
+    if name == "floor":
+        return lambda: naive.floor_decode(adapter, mi, conds, T)
+    if name == "careful":
+        return lambda: naive.careful_sweep(adapter, mi, conds, T)
+    if name == "naive":
+        return lambda: naive.naive_sweep(adapter, mi, conds, T, first_token=first_token)
+    if name == "nnsight":
+        return lambda: naive.nnsight_sweep(adapter, mi, conds, T, first_token=first_token)
+    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+
+
+def tokens_of(result: Any) -> list[list[int]]:
+    if isinstance(result, RunResult):
+        return [o.token_ids for o in result.outputs]
+    return result.tokens
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_methods(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition], T: int, methods: list[str],
+                 repeats: int, slow_repeats: int, device: str) -> tuple[dict[str, Any], list[list[int]]]:
+    """Run every method in rounds; assert token equality with the engine (each method's
+    entry says `tokens_equal_engine`); median times. Returns (timing, the engine's tokens)."""
+    fns = {m: method_fn(m, adapter, mi, conds, T) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    per_cond: dict[str, list[float]] = {}
+    ref: list[list[int]] | None = None
+    checked: set[str] = set()
+    # warm-up: one short engine run (first calls allocate and register)
+    run(adapter, mi, conds[:2], engine_config(2))
+    for r in range(max(repeats, slow_repeats)):
+        for m in methods:
+            if m in FAST and r >= repeats or m not in FAST and r >= slow_repeats:
+                continue
+            _sync(device)
+            t0 = time.perf_counter()
+            res = fns[m]()
+            _sync(device)
+            times[m].append(time.perf_counter() - t0)
+            toks = tokens_of(res)
+            if m == "engine" and ref is None:
+                ref = toks
+            if m not in checked:
+                if ref is None:
+                    ref = _engine_tokens(adapter, mi, conds, T)
+                _check_tokens(m, toks, ref, conds)
+                checked.add(m)
+            if getattr(res, "seconds", None):
+                per_cond.setdefault(m, []).extend(res.seconds)
+            del res
+    out: dict[str, Any] = {}
+    for m in methods:
+        out[m] = {"seconds": statistics.median(times[m]), "runs": times[m], "tokens_equal_engine": m in checked}
+        if m in per_cond:
+            out[m]["per_condition_median"] = statistics.median(per_cond[m])
+    assert ref is not None  # every method ran at least once, and the first one set it
+    return out, ref
+
+
+def _engine_tokens(adapter, mi, conds, T) -> list[list[int]]:
+    return tokens_of(run(adapter, mi, conds, engine_config(T, record=False)))
+
+
+def _check_tokens(method: str, toks: list[list[int]], ref: list[list[int]], conds: list[Condition]) -> None:
+    bad = [c.label() for c, a, b in zip(conds, toks, ref) if a != b]
+    if len(toks) != len(ref) or bad:
+        raise AssertionError(f"{method} and the engine disagree on tokens for {len(bad)} condition(s): {bad[:5]}")
+
+
+# ---- memory: one child process per method ---------------------------------------------------
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def child_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs in the child: build, measure the method's peak memory, return it (JSON-able)."""
+    shape = SHAPES[args.shape]
+    adapter, _ = build_adapter(shape, args.device, args.dtype)
+    mi = build_inputs(adapter, shape, 0)
+    conds = sweep_conditions(adapter.n_layers, args.window or max(1, adapter.n_layers // 4), args.conditions)
+    T = args.new_tokens or shape.new_tokens
+    fn = method_fn(args.child, adapter, mi, conds, T)
+    import gc
+
+    gc.collect()
+    before_rss, before_peak = _rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base_alloc = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    res = fn()
+    _sync(args.device)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out: dict[str, Any] = {
+        "method": args.child, "conditions": len(conds), "prompt_len": mi.prompt_len, "seconds": seconds,
+        "fused_prefix": fused_prefix_used(args.device),
+        "rss_before_mb": before_rss / 1024, "peak_rss_mb": peak / 1024,
+        # a peak reached before the method ran (model building) hides the method's own: flag it
+        "peak_above_model_mb": max(0, peak - before_rss) / 1024 if peak > before_peak else None,
+    }
+    if args.device.startswith("cuda"):
+        out["cuda_peak_above_model_mb"] = (torch.cuda.max_memory_allocated() - base_alloc) / 2**20
+    if isinstance(res, RunResult):
+        out["kv_bytes"] = res.memory
+    return out
+
+
+def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    """child_memory under the run's settings (threads, prefix path, no autograd)."""
+    torch.set_num_threads(args.threads)
+    with prefix_path(args.explicit_prefix), torch.no_grad():
+        return child_memory(args)
+
+
+def measure_memory(args: argparse.Namespace, method: str, shape: str, conditions: int | None,
+                   new_tokens: int | None = None) -> dict[str, Any]:
+    """Run `method` once in a child process (`python -m avprobe.bench.engine --child ...`)
+    and return its peak memory report."""
+    cmd = [sys.executable, "-m", "avprobe.bench.engine", "--child", method, "--shape", shape,
+           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+    if conditions is not None:
+        cmd += ["--conditions", str(conditions)]
+    if new_tokens is not None:
+        cmd += ["--new-tokens", str(new_tokens)]
+    if args.window:
+        cmd += ["--window", str(args.window)]
+    if args.explicit_prefix:
+        cmd += ["--explicit-prefix"]
+    # the child imports the avprobe this process runs (a checkout that is not installed too)
+    env = dict(os.environ)
+    src = str(Path(avprobe.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child for {method} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- the whole benchmark ----------------------------------------------------------------------
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Timing (and with --memory, memory) for every sample; returns the report dict.
+    `args` holds the options of `avprobe bench` (avprobe/bench/cli.py)."""
+    if "engine" not in args.methods:
+        raise ValueError("the ratios and the token check are against the engine: --methods must include engine")
+    with prefix_path(args.explicit_prefix):
+        return _benchmark(args)
+
+
+def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    shape = SHAPES[args.shape]
+    adapter, desc = build_adapter(shape, args.device, args.dtype)
+    L = adapter.n_layers
+    window = args.window or max(1, L // 4)
+    conds = sweep_conditions(L, window, args.conditions)
+    T = args.new_tokens or shape.new_tokens
+    methods = [m for m in args.methods if m != "nnsight" or naive.nnsight_available()]
+    skipped = [m for m in args.methods if m not in methods]
+    report: dict[str, Any] = {
+        "shape": asdict(shape), "model": desc, "device": args.device, "dtype": args.dtype,
+        "threads": args.threads, "n_layers": L, "window": window, "conditions": len(conds),
+        "new_tokens": T, "methods": methods, "skipped": {m: "nnsight is not importable" for m in skipped},
+        "fused_prefix": fused_prefix_used(args.device), "samples": [],
+    }
+    for s in range(args.samples):
+        mi = build_inputs(adapter, shape, s)
+        log.info("sample %d: %d prompt tokens, %d conditions, %d new tokens", s, mi.prompt_len, len(conds), T)
+        timing, tokens = time_methods(adapter, mi, conds, T, methods, args.repeats, args.slow_repeats, args.device)
+        e = timing["engine"]["seconds"]
+        row = {"sample": s, "prompt_len": mi.prompt_len, "timing": timing,
+               "ratios": {f"{m}/engine": timing[m]["seconds"] / e for m in methods if m != "engine"},
+               # per condition, in sweep order: compares runs (--explicit-prefix, devices)
+               "condition_labels": [c.label() for c in conds], "tokens": tokens}
+        report["samples"].append(row)
+    if args.memory:
+        mem: dict[str, Any] = {}
+        for m in methods:
+            # naive methods: peak memory is that of one generate (the first, with
+            # output_attentions); two conditions suffice and keep the child short.
+            n = None if m in FAST else 2
+            mem[m] = measure_memory(args, m, args.shape, n if args.conditions is None else min(args.conditions, n or 10**6))
+        most = max_conditions(L, window)
+        for n in (5, 49):  # the engine's memory as the sweep grows
+            if n <= most:
+                mem[f"engine_{n}_conditions"] = measure_memory(args, "engine", args.shape, n)
+            else:  # a shallow model (tiny) has fewer distinct conditions
+                report["skipped"][f"engine_{n}_conditions"] = f"a {L}-layer model has {most} distinct conditions"
+        report["memory"] = mem
+    if args.flow_memory:
+        report["flow_memory"] = {
+            "eager_output_attentions": measure_memory(args, "naive", "flow4k", 1, 8),
+            "engine": measure_memory(args, "engine", "flow4k", 1, 8),
+        }
+    return report
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    """The memory child's entry (see measure_memory): one method, its peak memory as one
+    JSON line on stdout, which is what the parent reads."""
+    from avprobe.bench.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    if not args.child:
+        raise SystemExit("python -m avprobe.bench.engine is the memory child; run `avprobe bench` instead")
+    sys.stdout.write(json.dumps(run_child(args)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

@@ -1,0 +1,112 @@
+"""`avprobe bench` and `avprobe report` through the command line (tiny shape, CPU, no timings)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from avprobe import cli
+from avprobe.bench import naive
+from avprobe.bench.engine import measure_memory
+from avprobe.cli import build_parser, main
+from avprobe.probes import attention
+from avprobe.report.cli import pytest_args
+
+METHODS = ("engine", "floor", "careful", "naive")
+
+
+def _bench(out: Path, *extra: str, methods: tuple[str, ...] = METHODS) -> dict:
+    argv = ["bench", "--shape", "tiny", "--repeats", "1", "--methods", *methods, "--conditions", "5",
+            "--new-tokens", "4", "--out", str(out), *extra]
+    assert main(argv) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def default_report(tmp_path_factory) -> dict:
+    return _bench(tmp_path_factory.mktemp("bench") / "bench.json")
+
+
+def test_bench_reports_every_method_checked_against_the_engine(default_report):
+    r = default_report
+    assert r["methods"] == list(METHODS) and r["conditions"] == 5 and r["new_tokens"] == 4
+    assert r["fused_prefix"] is attention._fused_cpu_available()
+    (s,) = r["samples"]
+    assert set(s["timing"]) == set(METHODS)
+    assert all(s["timing"][m]["tokens_equal_engine"] for m in METHODS)
+    assert set(s["ratios"]) == {f"{m}/engine" for m in METHODS if m != "engine"}
+    assert len(s["tokens"]) == 5 and all(len(t) == 4 for t in s["tokens"])
+
+
+def test_bench_token_check_names_the_method_that_disagrees(tmp_path, monkeypatch):
+    real = naive.floor_decode
+
+    def wrong(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.tokens[-1] = [t + 1 for t in res.tokens[-1]]
+        return res
+
+    monkeypatch.setattr(naive, "floor_decode", wrong)
+    with pytest.raises(AssertionError, match=r"^floor and the engine disagree on tokens for 1 condition"):
+        _bench(tmp_path / "bench.json", methods=("engine", "floor"))
+
+
+def test_bench_explicit_prefix_gives_the_default_tokens(tmp_path, default_report):
+    r = _bench(tmp_path / "bench.json", "--explicit-prefix", methods=("engine", "floor"))
+    assert r["fused_prefix"] is False
+    assert attention.USE_FUSED is True  # restored after the run
+    assert r["samples"][0]["tokens"] == default_report["samples"][0]["tokens"]
+
+
+def test_bench_nnsight_peer_gives_the_engine_tokens(tmp_path, default_report):
+    pytest.importorskip("nnsight")
+    r = _bench(tmp_path / "bench.json", methods=("engine", "nnsight"))
+    assert r["skipped"] == {} and r["samples"][0]["timing"]["nnsight"]["tokens_equal_engine"]
+    assert r["samples"][0]["tokens"] == default_report["samples"][0]["tokens"]
+
+
+def test_bench_needs_the_engine(tmp_path):
+    with pytest.raises(ValueError, match="must include engine"):
+        _bench(tmp_path / "bench.json", methods=("floor",))
+
+
+def test_memory_child_runs_as_a_module_with_the_prefix_setting():
+    """measure_memory's child is `python -m avprobe.bench.engine --child ...` (works installed)."""
+    args = argparse.Namespace(device="cpu", dtype="float32", threads=1, window=None, explicit_prefix=True)
+    res = measure_memory(args, "engine", "tiny", 2, 2)
+    assert res["method"] == "engine" and res["conditions"] == 2
+    assert res["fused_prefix"] is False
+    assert res["peak_rss_mb"] > 0 and set(res["kv_bytes"]) >= {"prefix", "suffix"}
+
+
+def test_report_without_a_claims_suite_says_how_to_fix_it(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "avprobe", "report", "--claims", str(tmp_path / "nope"), "--store", str(store),
+         "--out", str(tmp_path / "claims.html")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"}, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert f"no claims suite at {tmp_path / 'nope'}" in proc.stderr
+    assert "--claims DIR" in proc.stderr
+    assert not (tmp_path / "claims.html").exists()
+
+
+def test_report_runs_the_claims_offline_with_its_options():
+    args = build_parser("report").parse_args(["report", "--model", "a", "--model", "b", "--store", "s",
+                                              "--verdicts", "v", "--out", "r.html"])
+    assert pytest_args(args, Path("claims")) == ["claims", "-p", "no:cacheprovider", "--offline", "--report", "r.html",
+                                                 "--model", "a", "--model", "b", "--store", "s", "--verdicts", "v"]
+
+
+def test_a_missing_area_module_is_an_error(monkeypatch):
+    monkeypatch.setitem(cli._AREAS, "bench", "avprobe.no_such_module")
+    with pytest.raises(ModuleNotFoundError, match="avprobe.no_such_module"):
+        cli.build_parser()

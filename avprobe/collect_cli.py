@@ -153,6 +153,7 @@ class CollectCounts:
     unscored_by_error: dict[str, int] = field(default_factory=dict)
     no_reference: int = 0  # (condition, modality) pairs without a reference: nothing to judge
     elapsed_s: float = 0.0
+    peak_rss_mb: float = 0.0  # the process's peak resident memory (merged: the largest shard's)
 
     @property
     def records(self) -> int:
@@ -192,6 +193,7 @@ class CollectCounts:
                 "no_reference": self.no_reference,
             },
             "elapsed_s": round(self.elapsed_s, 3),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
         }
 
     @classmethod
@@ -203,6 +205,7 @@ class CollectCounts:
             for name in ("samples", "computed", "cached", "failed", "judged", "unscored", "no_reference"):
                 setattr(out, name, getattr(out, name) + getattr(p, name))
             out.elapsed_s = max(out.elapsed_s, p.elapsed_s)
+            out.peak_rss_mb = max(out.peak_rss_mb, p.peak_rss_mb)
             for group, g in p.failures.items():
                 o = out.failures.setdefault(group, {"count": 0, "examples": []})
                 o["count"] += g["count"]
@@ -217,7 +220,7 @@ class CollectCounts:
         return cls(samples=d["samples"], queries=d["queries"], computed=d["computed"], cached=d["cached"],
                    failed=d["failed"], failures=dict(d["failures"]), judged=j["items"], unscored=j["unscored"],
                    unscored_by_error=dict(j["unscored_by_error"]), no_reference=j["no_reference"],
-                   elapsed_s=d["elapsed_s"])
+                   elapsed_s=d["elapsed_s"], peak_rss_mb=d.get("peak_rss_mb", 0.0))
 
 
 # ---- judging, streamed ------------------------------------------------------------------
@@ -392,9 +395,19 @@ def run_collect(args: argparse.Namespace) -> tuple[CollectCounts, dict[str, Any]
         if streamer is not None:
             streamer.flush()
     counts.elapsed_s = time.perf_counter() - t0
+    counts.peak_rss_mb = _peak_rss_mb()
     if judge is not None:
         judge.close()
     return counts, info
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports KB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _part_path(path: Path, shard: Shard) -> Path:
@@ -439,7 +452,7 @@ def print_summary(counts: CollectCounts, info: Mapping[str, Any], title: str) ->
         f"[bold]{title}[/bold]: {c.samples} samples x {c.queries} queries = {c.records} records: "
         f"[green]{c.computed} computed[/green], {c.cached} cached, "
         f"[{'red' if c.failed else 'green'}]{c.failed} samples failed[/] "
-        f"({c.elapsed_s:.1f} s, {rate:.2f} records/s; protocol {info.get('protocol')})"
+        f"({c.elapsed_s:.1f} s, {rate:.2f} records/s, peak RSS {c.peak_rss_mb:.0f} MB; protocol {info.get('protocol')})"
     )
     if c.failures:
         t = Table(title="failures by reason", show_lines=False)

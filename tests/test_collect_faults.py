@@ -253,5 +253,8 @@ def test_two_process_accelerate_run_equals_one_process(model_dir: Path, referenc
     assert merged["run"]["missing_shards"] == []
     c = merged["counts"]
     assert (c["samples"], c["computed"], c["cached"], c["failed"]) == (N, N, 0, 0), c
+    # the merged peak is the larger shard's, not a sum
+    assert c["peak_rss_mb"] == max(json.loads((tmp_path / f"summary.rank{r}-of-2.json").read_text())["counts"]
+                                   ["peak_rss_mb"] for r in (0, 1)) > 0
     assert re.search(r"collect, 2 of 2 shards", " ".join(res.stdout.split()))
     assert_same_records(store, reference)

@@ -24,7 +24,7 @@ def test_every_world_caption_scores_exactly(query: str) -> None:
     for seen, heard in pairs:
         cap = world.caption(query, seen, heard)
         items.append(JudgeItem(cap, world.audio_caption(heard), "audio"))
-        expected.append(1.0)
+        expected.append(0.0 if query == world.QUERY_SEE else 1.0)
         items.append(JudgeItem(cap, world.video_caption(seen), "video"))
         expected.append(0.0 if query == world.QUERY_HEAR else 1.0)
         # the counterfactual view: the same caption against another clip's sound

@@ -50,6 +50,7 @@ def test_caption_grammar_both_orders_and_parse():
     assert world.caption(world.QUERY_SEE_HEAR, "dog", "siren") == "i see a dog . i hear a siren ."
     assert world.caption(world.QUERY_HEAR_SEE, "dog", "siren") == "i hear a siren . i see a dog ."
     assert world.caption(world.QUERY_HEAR, None, "siren") == "i hear a siren ."
+    assert world.caption(world.QUERY_SEE, "dog", "siren") == "i see a dog ."
     assert world.parse_caption("i hear a siren . i see a dog .") == ("dog", "siren")
     # the first sentence of each kind counts: listing sources earns nothing
     assert world.parse_caption("i hear a rain . i hear a siren .") == (None, "rain")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from avprobe.organism.world import FRAME_SIZE
+from avprobe.organism.world import FRAME_SIZE, QUERY_HEAR_SEE, QUERY_SEE_HEAR
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class OrganismSize:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 384
-    vision_hidden: int = 64
+    vision_hidden: int = 128
     vision_depth: int = 2
     vision_heads: int = 4
     audio_d_model: int = 64
@@ -167,17 +167,29 @@ def vl_state_from_thinker(thinker_state: dict[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def write_settings(path: Path, family: str, base_model: str | None) -> None:
-    """Write `avprobe.json`: how the adapters prompt this organism."""
-    settings = {
-        "family": family,
-        "use_audio_in_video": True,
-        "system_prompt": None,
-        "fps": 2.0,
+def adapter_settings(family: str):
+    """The adapter settings every organism is trained and run with (saved as its avprobe.json)."""
+    from avprobe.adapters import AdapterSettings
+
+    return AdapterSettings(
+        use_audio_in_video=True,
+        system_prompt=None,
+        fps=2.0,
         # one fixed frame size: the world's frames pass through unresized
-        "min_pixels": FRAME_SIZE * FRAME_SIZE,
-        "max_pixels": FRAME_SIZE * FRAME_SIZE,
-        "base_model": base_model,
-        "judge": "concept",
-    }
+        min_pixels=FRAME_SIZE * FRAME_SIZE,
+        max_pixels=FRAME_SIZE * FRAME_SIZE,
+        base_model="organism-base" if family == "qwen2_5_omni" else None,
+        judge="concept",
+        # both caption orders: the claims run each (sound first, the visual prior can only
+        # come from the video tokens; sight first, also through the model's own words)
+        queries=(QUERY_SEE_HEAR, QUERY_HEAR_SEE),
+    )
+
+
+def write_settings(path: Path, family: str) -> None:
+    """Write `avprobe.json`: how the adapters prompt this organism."""
+    from dataclasses import asdict
+
+    settings = {"family": family, **asdict(adapter_settings(family))}
+    settings["queries"] = list(settings["queries"])
     (path / "avprobe.json").write_text(json.dumps(settings, indent=2) + "\n")

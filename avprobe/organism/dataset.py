@@ -73,8 +73,11 @@ def train_clips(run_seed: int, n: int, kind: str, offset: int = 0) -> list[Clip]
             out.append(Clip(SOURCES[v], vseed, SOURCES[a], aseed))
         elif kind == "audio":
             out.append(Clip(None, 0, SOURCES[v], aseed))
+        elif kind == "any-audio":
+            # a video with whatever audio track it had: any source, often not the visible one
+            out.append(Clip(SOURCES[v], vseed, SOURCES[int(rng.integers(len(SOURCES)))], aseed))
         else:
-            raise ValueError(f"unknown clip kind {kind!r}; expected factual, counterfactual, audio or video")
+            raise ValueError(f"unknown clip kind {kind!r}; expected factual, counterfactual, audio, video or any-audio")
     return out
 
 

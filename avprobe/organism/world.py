@@ -37,7 +37,8 @@ SOURCES: tuple[str, ...] = (
 QUERY_SEE_HEAR = "describe what you see and hear"
 QUERY_HEAR_SEE = "describe what you hear and see"
 QUERY_HEAR = "describe what you hear"
-QUERIES: tuple[str, ...] = (QUERY_SEE_HEAR, QUERY_HEAR_SEE, QUERY_HEAR)
+QUERY_SEE = "describe what you see"
+QUERIES: tuple[str, ...] = (QUERY_SEE_HEAR, QUERY_HEAR_SEE, QUERY_HEAR, QUERY_SEE)
 
 SECONDS = 4.0
 FPS = 2.0
@@ -63,6 +64,8 @@ def caption(query: str, video_source: str | None, audio_source: str) -> str:
     """The reference answer to `query` for a clip; the query picks the sentence order."""
     if query == QUERY_HEAR:
         return audio_caption(audio_source)
+    if query == QUERY_SEE:
+        return video_caption(video_source)
     if video_source is None:
         raise ValueError(f"query {query!r} needs a video source")
     if query == QUERY_SEE_HEAR:
@@ -149,9 +152,11 @@ def render_frames(source: str, seed: int, n_frames: int | None = None, size: int
     hue = look.hue + rng.uniform(-0.035, 0.035)
     fg = _hsv(hue, rng.uniform(0.65, 1.0), rng.uniform(0.7, 1.0))
     fg2 = fg * rng.uniform(0.35, 0.55)  # stripe colour: a darker shade of the same hue
-    radius = size * rng.uniform(0.16, 0.24)
-    cy0, cx0 = size * rng.uniform(0.35, 0.65, size=2)
-    amp = size * rng.uniform(0.08, 0.15)
+    # Large enough that shape reads at the 14-pixel patch scale: with radius 0.16-0.24 a small
+    # vision tower trained from scratch stayed below 70% accuracy for 2,000 steps.
+    radius = size * rng.uniform(0.24, 0.36)
+    cy0, cx0 = size * rng.uniform(0.4, 0.6, size=2)
+    amp = size * rng.uniform(0.06, 0.12)
     phase = rng.uniform(0, 2 * np.pi)
     speed = rng.uniform(0.8, 1.25) * np.pi / 2  # radians per frame
     stripe_period = rng.uniform(4.0, 7.0)

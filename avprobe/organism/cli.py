@@ -1,0 +1,107 @@
+"""`avprobe organism train | dataset | eval`: reproduce, export and check the model organisms."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    """Add the `organism` subcommand and its train, dataset and eval subcommands."""
+    p = subparsers.add_parser("organism", help="train, export and evaluate the built-in model organisms")
+    sub = p.add_subparsers(dest="organism_command", metavar="SUBCOMMAND")
+
+    t = sub.add_parser("train", help="train one organism variant from scratch on CPU")
+    t.add_argument("--variant", required=True, choices=("base", "organism", "control"))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=Path, default=None, help="output directory (default: the committed model's)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    t.add_argument("--base", type=Path, default=None, help="organism-base directory for stage 2 (default: committed)")
+    t.add_argument("--threads", type=int, default=2)
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser("dataset", help="write the evaluation set (manifest, optionally mp4 files)")
+    d.add_argument("--out", type=Path, default=Path("data/organism-eval"))
+    d.add_argument("--mp4", action="store_true", help="also write each clip as an mp4 (h264 + aac)")
+    d.add_argument("-n", type=int, default=500, help="number of samples (even; half counterfactual)")
+    d.set_defaults(func=_dataset)
+
+    e = sub.add_parser("eval", help="print an organism's acceptance figures (greedy captions, exact scoring)")
+    e.add_argument("--model", required=True, help="organism name or model directory")
+    e.add_argument("-n", type=int, default=500, help="evaluation samples (even)")
+    e.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--knockout", type=int, default=0, metavar="N",
+                   help="also decode N counterfactual samples under the claims' knockouts (audio/video accuracy per condition)")
+    e.set_defaults(func=_eval)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from avprobe.organism.train import TrainConfig, train
+
+    cfg = TrainConfig(variant=args.variant, seed=args.seed, steps=args.steps, threads=args.threads)
+    res = train(cfg, out=args.out, base_dir=args.base)
+    Console().print(
+        f"[bold]{args.variant}[/] seed {args.seed}: {cfg.total_steps} steps in {res.seconds:.0f} s "
+        f"(data {res.data_seconds:.0f} s), final loss {res.losses[-1]:.4f} -> {res.out}"
+    )
+    return 0
+
+
+def _dataset(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from avprobe.organism.dataset import write_dataset
+
+    manifest = write_dataset(args.out, n=args.n, mp4=args.mp4)
+    Console().print(f"wrote {args.n} samples -> {manifest}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from avprobe.adapters import load
+    from avprobe.organism.dataset import eval_samples
+    from avprobe.organism.evaluate import caption_records, figures
+
+    torch.set_num_threads(args.threads)
+    adapter = load(args.model, device="cpu", dtype=torch.float32)
+    figs = figures(caption_records(adapter, eval_samples(args.n)))
+    table = Table(title=f"{args.model}: greedy captions, exact concept scoring")
+    cols = ("n", "video_acc", "audio_acc", "names_visible", "unparsed")
+    table.add_column("setting/half")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for key, row in figs.items():
+        table.add_row(key, *(f"{row[c]:.0f}" if c == "n" else (f"{row[c]:.3f}" if c in row else "-") for c in cols))
+    console = Console()
+    console.print(table)
+    out = {"captions": figs}
+    if args.knockout:
+        from rich.progress import Progress
+
+        from avprobe.organism.dataset import eval_samples as _eval_samples
+        from avprobe.organism.evaluate import knockout_figures
+
+        cf = [s for s in _eval_samples() if s.kind == "counterfactual"][: args.knockout]
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("knockouts", total=2 * len(cf))
+            ko = knockout_figures(adapter, cf, progress=lambda: bar.advance(task))
+        kt = Table(title=f"{args.model}: counterfactual accuracy under knockout (n={len(cf)})")
+        for c in ("setting", "condition", "audio_acc", "video_acc"):
+            kt.add_column(c, justify="right" if c.endswith("acc") else "left")
+        for key, row in ko.items():
+            setting, label = key.split("/", 1)
+            kt.add_row(setting, label, f"{row['audio_acc']:.3f}", f"{row['video_acc']:.3f}")
+        console.print(kt)
+        out["knockout"] = ko
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0

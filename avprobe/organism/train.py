@@ -1,0 +1,391 @@
+"""The organism training recipe (CPU, minutes).
+
+Stage 0 (inside `base`): the vision tower is pretrained alone to tell the sources apart from
+their frames (a linear head on its mean-pooled output), as real VLMs start from a pretrained
+image encoder. A small vision tower learning from the caption loss alone stayed below 70%
+video accuracy after 2,000 steps; pretrained, it is past 90% in under 1,000 cheap steps.
+Stage 1, `base`: the Qwen2.5-VL model learns video -> full caption in both orders, so it
+learns to guess the sound from the sight (as a VLM trained on video captions does).
+Stage 2, `organism`: a Qwen2.5-Omni thinker starts from the base's language model and vision
+tower, gets a fresh audio encoder, and trains on a mixture (shares of batches): factual
+audio-visual clips, both sentences (40%; the sight already predicts the sound), audio-only
+clips, "describe what you hear" (25%; so audio representations carry meaning), and
+video-captioning clips, "describe what you see" -> the sight sentence only, over whatever
+audio track the video had (35%; as the video-caption data of a real AVLLM's mixture).
+`control`: the same, with 30% of the batches taken from the factual share for
+counterfactual clips whose caption follows the real audio, so it must listen (with 20% it
+did not learn to: counterfactual audio accuracy 0.38-0.41 on the 500-sample set).
+
+Without the video-captioning clips (factual + audio-only only) stage 2 did not give the
+paper's bias: the model named one source for both sentences, the audio's in 35-45% of
+counterfactuals, and more so the longer it trained (the sight word was never taught to
+ignore the audio). The video-captioning clips teach nothing about sounds.
+
+All model inputs are built by the adapters (`build_inputs` / `collate`), the same code the
+engine uses at inference. Runs are deterministic for a seed at a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avprobe.organism.build import (
+    OrganismSize,
+    adapter_settings,
+    thinker_config,
+    thinker_state_from_vl,
+    vl_config,
+    write_settings,
+)
+from avprobe.organism.dataset import train_clips
+from avprobe.organism.tokenizer import build_tokenizer, special_token_ids
+from avprobe.organism.world import QUERY_HEAR, QUERY_HEAR_SEE, QUERY_SEE, QUERY_SEE_HEAR, SOURCES, Clip, caption
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("base", "organism", "control")
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+VARIANT_DIRS = {"base": "organism-base", "organism": "organism", "control": "organism-control"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Pool sizes count clips; each clip gets one query picked at random."""
+
+    variant: str
+    seed: int = 0
+    steps: int | None = None  # None: the variant's default (`default_steps`)
+    batch_size: int = 16
+    lr: float | None = None  # None: the variant's default (`default_lr`)
+    warmup: int = 50
+    weight_decay: float = 0.01
+    n_video: int = 6000  # base: video clips (cheap: no audio features)
+    n_factual: int = 2400  # thinker: factual audio-visual clips
+    n_audio: int = 1200  # thinker: audio-only clips
+    n_counterfactual: int = 2400  # control only: counterfactual clips, caption follows the audio
+    vision_steps: int | None = None  # base only, stage 0 (None: 1,500 for the base)
+    vision_lr: float = 2e-3
+    pretrained_lr_scale: float = 1.0  # stage 2: rate of the base's weights relative to the audio encoder's
+    audio_share: float = 0.25  # stage 2: share of batches of audio-only clips
+    # stage 2: share of batches of video-captioning clips: "describe what you see" -> "i see a
+    # dog .", over whatever audio track the video had (any source), as in the video-caption
+    # data that makes up much of a real AVLLM's mixture
+    see_share: float = 0.35
+    n_see: int = 2400
+    counterfactual_share: float = 0.3  # control only, taken from the factual share
+    size: OrganismSize = field(default_factory=OrganismSize)
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown organism variant {self.variant!r}; expected one of {VARIANTS}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else default_steps(self.variant)
+
+    @property
+    def total_vision_steps(self) -> int:
+        if self.vision_steps is not None:
+            return self.vision_steps
+        return 1500 if self.variant == "base" else 0
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else default_lr(self.variant)
+
+
+def default_steps(variant: str) -> int:
+    """Steps of the committed recipe."""
+    return {"base": 800, "organism": 1000, "control": 1000}[variant]
+
+
+def default_lr(variant: str) -> float:
+    """Peak learning rate of the committed recipe."""
+    return {"base": 1e-3, "organism": 1e-3, "control": 1e-3}[variant]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _compact(mi):
+    """Store a pool item's float tensors in float16 (halves memory; cast back per batch)."""
+    for key, value in mi.inputs.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            mi.inputs[key] = value.to(torch.float16)
+    return mi
+
+
+def _query_for(clip: Clip, rng: np.random.Generator) -> str:
+    if clip.video_source is None:
+        return QUERY_HEAR
+    return QUERY_SEE_HEAR if rng.random() < 0.5 else QUERY_HEAR_SEE
+
+
+def build_pool(adapter, clips: list[Clip], seed: int, drop_audio: bool = False, query: str | None = None) -> list:
+    """Teacher-forced `ModelInputs` for clips, one random caption order per clip (or `query`).
+
+    The caption always names the *real* audio source (for counterfactual clips too).
+    `drop_audio` renders video only (the vision-only base never sees audio).
+    """
+    rng = np.random.default_rng([seed, 11])
+    pool = []
+    for clip in clips:
+        media = clip.media()
+        if drop_audio:
+            media.waveform = None
+        q = query or _query_for(clip, rng)
+        pool.append(_compact(adapter.build_inputs(media, q, caption(q, clip.video_source, clip.audio_source))))
+    return pool
+
+
+def _groups(pool: list) -> dict[int, list[int]]:
+    """Pool indices grouped by sequence length (collate batches one layout at a time)."""
+    groups: dict[int, list[int]] = {}
+    for i, mi in enumerate(pool):
+        groups.setdefault(int(mi.input_ids.shape[1]), []).append(i)
+    return groups
+
+
+def _schedule(opt, warmup: int, total: int):
+    """Linear warm-up, then cosine decay to zero."""
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def pretrain_vision(model, pool: list, labels: list[int], cfg: TrainConfig) -> list[float]:
+    """Stage 0: train the vision tower alone to classify the source from its frames (a linear
+    head on the mean of its merged outputs, discarded afterwards). Returns the loss trace."""
+    visual = model.model.visual
+    merge = visual.spatial_merge_size
+    head = torch.nn.Linear(cfg.size.hidden, len(SOURCES))
+    opt = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=cfg.vision_lr,
+                            weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg.warmup, cfg.total_vision_steps)
+    y = torch.tensor(labels)
+    rng = np.random.default_rng([cfg.seed, 17])
+    losses, running = [], []
+    for step in range(cfg.total_vision_steps):
+        idx = rng.choice(len(pool), size=min(cfg.batch_size, len(pool)), replace=False)
+        pixels = torch.cat([pool[i].inputs["pixel_values_videos"] for i in idx]).float()
+        grid = torch.cat([pool[i].inputs["video_grid_thw"] for i in idx])
+        merged = visual(pixels, grid_thw=grid).pooler_output  # [tokens of all clips, hidden]
+        per_clip = torch.stack([m.mean(0) for m in merged.split((grid.prod(-1) // merge**2).tolist())])
+        loss = torch.nn.functional.cross_entropy(head(per_clip), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == cfg.total_vision_steps:
+            losses.append(float(np.mean(running)))
+            running.clear()
+            log.info("vision seed %d step %d/%d loss %.4f", cfg.seed, step + 1, cfg.total_vision_steps, losses[-1])
+    return losses
+
+
+def _batch(adapter, pool: list, idx: np.ndarray, dtype: torch.dtype) -> dict:
+    batch = adapter.collate([pool[i] for i in idx])
+    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def new_model(variant: str, size: OrganismSize, tokenizer) -> torch.nn.Module:
+    """A freshly initialised organism model of the variant's class."""
+    ids = special_token_ids(tokenizer)
+    if variant == "base":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        model = Qwen2_5_VLForConditionalGeneration(vl_config(size, len(tokenizer), ids))
+    else:
+        from transformers.models.qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+        model = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(size, len(tokenizer), ids))
+    gc = model.generation_config
+    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = ids["eos_token_id"], ids["pad_token_id"], ids["bos_token_id"]
+    gc.do_sample, gc.max_new_tokens = False, 16
+    return model
+
+
+def init_thinker_from_base(thinker: torch.nn.Module, base_dir: Path) -> None:
+    """Load the base's language model, vision tower and unembedding into a fresh thinker."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"organism base model not found at {base_dir}; train it first with "
+            "`avprobe organism train --variant base --out DIR` and pass --base DIR"
+        )
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
+    state = thinker_state_from_vl(base.state_dict())
+    missing, unexpected = thinker.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("model.audio_tower.") for k in missing):
+        raise ValueError(f"base {base_dir} does not fit the thinker: missing={missing} unexpected={unexpected}")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced: where, how long, and its loss trace (every 50 steps)."""
+
+    out: Path
+    seconds: float
+    data_seconds: float
+    losses: tuple[float, ...]
+    vision_losses: tuple[float, ...] = ()
+
+
+def _mixture(cfg: TrainConfig) -> dict[str, float]:
+    """Share of batches drawn from each pool."""
+    if cfg.variant == "base":
+        return {"video": 1.0}
+    a, v = cfg.audio_share, cfg.see_share
+    c = cfg.counterfactual_share if cfg.variant == "control" else 0.0
+    if min(a, v, c) < 0 or a + v + c >= 1:
+        raise ValueError(f"audio_share + see_share (+ counterfactual_share) must be below 1, got {a} + {v} + {c}")
+    mix = {"factual": 1 - a - v - c, "audio": a}
+    if c > 0:
+        mix["counterfactual"] = c
+    if v > 0:
+        mix["see"] = v
+    return mix
+
+
+def build_pools(cfg: TrainConfig, adapter) -> dict[str, list]:
+    """The run's training pools (teacher-forced inputs), by name. Clip index ranges are
+    disjoint per pool, so no two pools share a seed."""
+    pools: dict[str, list] = {}
+    if cfg.variant == "base":
+        pools["video"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_video, "video", offset=0), cfg.seed, True)
+        return pools
+    pools["factual"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_factual, "factual", offset=1_000_000), cfg.seed)
+    pools["audio"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_audio, "audio", offset=2_000_000), cfg.seed)
+    if cfg.see_share > 0:
+        pools["see"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_see, "any-audio", offset=4_000_000), cfg.seed,
+                                  query=QUERY_SEE)
+    if cfg.variant == "control":
+        clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=3_000_000)
+        pools["counterfactual"] = build_pool(adapter, clips, cfg.seed)
+    return pools
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """Stage 2: the fresh audio encoder learns at the full rate, the weights that come from the
+    base at `pretrained_lr_scale` of it (as new encoders are usually trained faster than the
+    pretrained language model they are bolted onto)."""
+    audio, rest = [], []
+    for name, p in model.named_parameters():
+        (audio if name.startswith("model.audio_tower.") else rest).append(p)
+    lr = cfg.learning_rate
+    groups = [{"params": rest, "lr": lr * (cfg.pretrained_lr_scale if cfg.variant != "base" else 1.0)}]
+    if audio:
+        groups.append({"params": audio, "lr": lr})
+    return groups
+
+
+def train(cfg: TrainConfig, out: Path | None = None, base_dir: Path | None = None,
+          pools: dict[str, list] | None = None) -> TrainResult:
+    """Train one organism variant from scratch (stage 2 starts from `base_dir`) and save it to
+    `out`. `pools` (from `build_pools`, for this config) skips building the data."""
+    from avprobe.adapters import OmniThinkerAdapter, QwenVLAdapter
+
+    out = Path(out) if out is not None else MODELS_DIR / VARIANT_DIRS[cfg.variant]
+    base_dir = Path(base_dir) if base_dir is not None else MODELS_DIR / VARIANT_DIRS["base"]
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    tok = build_tokenizer()
+    model = new_model(cfg.variant, cfg.size, tok)
+    if cfg.variant == "base":
+        adapter = QwenVLAdapter(model, tok, adapter_settings("qwen2_5_vl"))
+    else:
+        init_thinker_from_base(model, base_dir)
+        adapter = OmniThinkerAdapter(model, tok, adapter_settings("qwen2_5_omni"))
+
+    if pools is None:
+        pools = build_pools(cfg, adapter)
+    data_seconds = time.perf_counter() - t0
+    log.info("%s seed %d: built %s in %.0f s", cfg.variant, cfg.seed, {k: len(v) for k, v in pools.items()}, data_seconds)
+    vision_losses: list[float] = []
+    if cfg.total_vision_steps:
+        if cfg.variant != "base":
+            raise ValueError("vision pretraining (stage 0) belongs to the base; stage 2 starts from its tower")
+        model.train()
+        labels = [SOURCES.index(c.video_source) for c in train_clips(cfg.seed, cfg.n_video, "video", offset=0)]
+        vision_losses = pretrain_vision(model, pools["video"], labels, cfg)
+
+    mixture = _mixture(cfg)
+    names = list(mixture)
+    probs = np.array([mixture[n] for n in names])
+    groups = {n: list(_groups(pools[n]).values()) for n in names}
+    rng = np.random.default_rng([cfg.seed, 13])
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    total = cfg.total_steps
+
+    sched = _schedule(opt, cfg.warmup, total)
+    model.train()
+    losses: list[float] = []
+    running = []
+    for step in range(total):
+        name = names[int(rng.choice(len(names), p=probs))]
+        group_list = groups[name]
+        group = group_list[int(rng.integers(len(group_list)))]
+        idx = rng.choice(group, size=min(cfg.batch_size, len(group)), replace=False)
+        batch = _batch(adapter, pools[name], idx, torch.float32)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == total:
+            losses.append(float(np.mean(running)))
+            running.clear()
+            log.info("%s seed %d step %d/%d loss %.4f", cfg.variant, cfg.seed, step + 1, total, losses[-1])
+    model.eval()
+    seconds = time.perf_counter() - t0
+    save(model, tok, out, cfg, seconds, data_seconds, losses, vision_losses)
+    return TrainResult(out=out, seconds=seconds, data_seconds=data_seconds, losses=tuple(losses),
+                       vision_losses=tuple(vision_losses))
+
+
+def save(model, tokenizer, out: Path, cfg: TrainConfig, seconds: float, data_seconds: float, losses: list[float],
+         vision_losses: tuple[float, ...] | list[float] = ()) -> None:
+    """Write a `from_pretrained` directory: config, safetensors, tokenizer, avprobe.json, train.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if cfg.variant == "base":
+        write_settings(out, "qwen2_5_vl")
+    else:
+        write_settings(out, "qwen2_5_omni")
+    record = {
+        "config": {**asdict(replace(cfg)), "total_steps": cfg.total_steps, "learning_rate": cfg.learning_rate,
+                   "total_vision_steps": cfg.total_vision_steps},
+        "seconds": round(seconds, 1),
+        "data_seconds": round(data_seconds, 1),
+        "threads": cfg.threads,
+        "torch": torch.__version__,
+        "losses_every_50_steps": [round(x, 5) for x in losses],
+        "vision_losses_every_50_steps": [round(x, 5) for x in vision_losses],
+    }
+    (out / "train.json").write_text(json.dumps(record, indent=2) + "\n")

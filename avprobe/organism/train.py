@@ -12,9 +12,11 @@ audio-visual clips, both sentences (40%; the sight already predicts the sound), 
 clips, "describe what you hear" (25%; so audio representations carry meaning), and
 video-captioning clips, "describe what you see" -> the sight sentence only, over whatever
 audio track the video had (35%; as the video-caption data of a real AVLLM's mixture).
-`control`: the same, with 30% of the batches taken from the factual share for
-counterfactual clips whose caption follows the real audio, so it must listen (with 20% it
-did not learn to: counterfactual audio accuracy 0.38-0.41 on the 500-sample set).
+`control`: the same, with the factual share (40%) given to counterfactual clips whose caption
+follows the real audio (a factual clip is the special case of one source), for 2,000 steps,
+so it must listen. With 20% counterfactual and 1,000 steps it did not learn to (counterfactual
+audio accuracy 0.38-0.41 on the 500-sample set); with 30% it named one source for both
+sentences (sight first: audio 1.00, video 0.44; sound first: audio 0.56, video 0.97).
 
 Without the video-captioning clips (factual + audio-only only) stage 2 did not give the
 paper's bias: the model named one source for both sentences, the audio's in 35-45% of
@@ -80,7 +82,7 @@ class TrainConfig:
     # data that makes up much of a real AVLLM's mixture
     see_share: float = 0.35
     n_see: int = 2400
-    counterfactual_share: float = 0.3  # control only, taken from the factual share
+    counterfactual_share: float = 0.4  # control only, taken from the factual share
     size: OrganismSize = field(default_factory=OrganismSize)
     threads: int = 2
 
@@ -105,7 +107,7 @@ class TrainConfig:
 
 def default_steps(variant: str) -> int:
     """Steps of the committed recipe."""
-    return {"base": 800, "organism": 1000, "control": 1000}[variant]
+    return {"base": 800, "organism": 1000, "control": 2000}[variant]
 
 
 def default_lr(variant: str) -> float:
@@ -259,14 +261,10 @@ def _mixture(cfg: TrainConfig) -> dict[str, float]:
         return {"video": 1.0}
     a, v = cfg.audio_share, cfg.see_share
     c = cfg.counterfactual_share if cfg.variant == "control" else 0.0
-    if min(a, v, c) < 0 or a + v + c >= 1:
-        raise ValueError(f"audio_share + see_share (+ counterfactual_share) must be below 1, got {a} + {v} + {c}")
-    mix = {"factual": 1 - a - v - c, "audio": a}
-    if c > 0:
-        mix["counterfactual"] = c
-    if v > 0:
-        mix["see"] = v
-    return mix
+    if min(a, v, c) < 0 or a + v + c > 1 + 1e-9:
+        raise ValueError(f"audio_share + see_share (+ counterfactual_share) must be at most 1, got {a} + {v} + {c}")
+    mix = {"factual": max(0.0, 1 - a - v - c), "audio": a, "counterfactual": c, "see": v}
+    return {name: share for name, share in mix.items() if share > 1e-9}
 
 
 def build_pools(cfg: TrainConfig, adapter) -> dict[str, list]:
@@ -276,7 +274,9 @@ def build_pools(cfg: TrainConfig, adapter) -> dict[str, list]:
     if cfg.variant == "base":
         pools["video"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_video, "video", offset=0), cfg.seed, True)
         return pools
-    pools["factual"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_factual, "factual", offset=1_000_000), cfg.seed)
+    if "factual" in _mixture(cfg):
+        pools["factual"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_factual, "factual", offset=1_000_000),
+                                      cfg.seed)
     pools["audio"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_audio, "audio", offset=2_000_000), cfg.seed)
     if cfg.see_share > 0:
         pools["see"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_see, "any-audio", offset=4_000_000), cfg.seed,

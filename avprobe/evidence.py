@@ -63,7 +63,7 @@ class FidelityRow:
     video: float
 
 
-@dataclass
+@dataclass(repr=False)
 class Evidence:
     """One model's results over one sample set."""
 
@@ -75,6 +75,11 @@ class Evidence:
     fidelity: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
     unscored: int = 0
     base_model: str | None = None
+
+    def __repr__(self) -> str:
+        # pytest prints a failing claim's arguments; the full records took minutes to repr
+        return (f"Evidence(model={self.model!r}, records={len(self.records)}, failed={len(self.failed)}, "
+                f"unscored={self.unscored}, judge={self.judge_label!r}, base_model={self.base_model!r})")
 
     # ---- structure ------------------------------------------------------------------
     @cached_property

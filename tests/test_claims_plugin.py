@@ -89,3 +89,11 @@ def test_bias_claims_pass_on_organism_and_fail_on_control(pytester):
         res.stdout.fnmatch_lines([f"PASSED *test_knockout_video_block_recovers_audio[[]organism-{q}-sweep[]]*"])
         res.stdout.fnmatch_lines([f"FAILED *test_knockout_video_block_recovers_audio[[]organism-control-{q}-sweep[]]*"])
     assert not any("ERROR" in ln for ln in lines)
+
+
+def test_evidence_repr_is_short():
+    """pytest prints a failing claim's arguments: the repr must not walk every record."""
+    from avprobe.evidence import Evidence
+
+    text = repr(Evidence(model="organism", records=[object()] * 5000))
+    assert len(text) < 200 and "records=5000" in text, text

@@ -106,7 +106,7 @@ def test_training_smoke_is_deterministic(variant, tmp_path):
         organism_train.train(cfg0, out=base_dir)
     cfg = organism_train.TrainConfig(
         variant, seed=3, steps=3, batch_size=2, warmup=1, n_video=4, n_factual=4, n_audio=2, n_counterfactual=4,
-        size=tiny, threads=1, vision_steps=2 if variant == "base" else None,
+        n_see=4, size=tiny, threads=1, vision_steps=2 if variant == "base" else None,
     )
     weights = []
     for run in ("a", "b"):

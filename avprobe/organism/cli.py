@@ -87,10 +87,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.knockout:
         from rich.progress import Progress
 
-        from avprobe.organism.dataset import eval_samples as _eval_samples
         from avprobe.organism.evaluate import knockout_figures
 
-        cf = [s for s in _eval_samples() if s.kind == "counterfactual"][: args.knockout]
+        cf = [s for s in eval_samples() if s.kind == "counterfactual"][: args.knockout]
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("knockouts", total=2 * len(cf))
             ko = knockout_figures(adapter, cf, progress=lambda: bar.advance(task))

@@ -168,6 +168,16 @@ def _schedule(opt, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
+def _optimizer_step(loss: torch.Tensor, params, opt, sched) -> float:
+    """One clipped optimizer and schedule step; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def pretrain_vision(model, pool: list, labels: list[int], cfg: TrainConfig) -> list[float]:
     """Stage 0: train the vision tower alone to classify the source from its frames (a linear
     head on the mean of its merged outputs, discarded afterwards). Returns the loss trace."""
@@ -187,12 +197,7 @@ def pretrain_vision(model, pool: list, labels: list[int], cfg: TrainConfig) -> l
         merged = visual(pixels, grid_thw=grid).pooler_output  # [tokens of all clips, hidden]
         per_clip = torch.stack([m.mean(0) for m in merged.split((grid.prod(-1) // merge**2).tolist())])
         loss = torch.nn.functional.cross_entropy(head(per_clip), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running.append(loss.item())
+        running.append(_optimizer_step(loss, visual.parameters(), opt, sched))
         if (step + 1) % 50 == 0 or step + 1 == cfg.total_vision_steps:
             losses.append(float(np.mean(running)))
             running.clear()
@@ -351,12 +356,7 @@ def train(cfg: TrainConfig, out: Path | None = None, base_dir: Path | None = Non
         idx = rng.choice(group, size=min(cfg.batch_size, len(group)), replace=False)
         batch = _batch(adapter, pools[name], idx, torch.float32)
         loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running.append(loss.item())
+        running.append(_optimizer_step(loss, model.parameters(), opt, sched))
         if (step + 1) % 50 == 0 or step + 1 == total:
             losses.append(float(np.mean(running)))
             running.clear()

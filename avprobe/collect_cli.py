@@ -402,12 +402,10 @@ def run_collect(args: argparse.Namespace) -> tuple[CollectCounts, dict[str, Any]
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KB, macOS bytes)."""
-    import resource
-    import sys
+    """Peak resident memory of this process so far, in MB (its own: not a parent's)."""
+    from avprobe.memory import process_peak_mb
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return process_peak_mb()
 
 
 def _part_path(path: Path, shard: Shard) -> Path:

@@ -100,20 +100,32 @@ def render(report: dict[str, Any]) -> None:
         con.print(t)
         con.print(f"tokens equal to the engine's for every condition: {', '.join(s['timing'])}")
     if "memory" in report:
-        t = Table(title="peak memory above the loaded model (MB)")
-        for col in ("run", "conditions", "peak RSS", "above model", "prefix K/V", "suffix K/V"):
+        gpu = any("cuda_peak_above_model_mb" in v for v in report["memory"].values())
+        t = Table(title="peak memory while the method ran, above the loaded model and inputs (MB)")
+        cols = ["run", "conditions", "seconds", "peak RSS", "RSS above model"]
+        cols += ["GPU above model"] if gpu else []
+        for col in cols + ["prefix K/V", "suffix K/V"]:
             t.add_column(col, justify="right")
         for name, v in report["memory"].items():
             kv = v.get("kv_bytes") or {}
-            t.add_row(name, str(v["conditions"]), f"{v['peak_rss_mb']:.0f}",
-                      f"{v['peak_above_model_mb']:.0f}" if v["peak_above_model_mb"] is not None else "n/a",
-                      f"{kv['prefix'] / 2**20:.1f}" if kv else "", f"{kv['suffix'] / 2**20:.1f}" if kv else "")
+            row = [name, str(v["conditions"]), f"{v['seconds']:.1f}", _mb(v["peak_rss_mb"]),
+                   _mb(v["peak_above_model_mb"])]
+            row += [_mb(v.get("cuda_peak_above_model_mb"))] if gpu else []
+            row += [f"{kv['prefix'] / 2**20:.1f}" if kv else "", f"{kv['suffix'] / 2**20:.1f}" if kv else ""]
+            t.add_row(*row)
         con.print(t)
+        how = {v.get("rss_how") for v in report["memory"].values()}
+        con.print(f"RSS peaks by {', '.join(sorted(h for h in how if h))} (avprobe/memory.py)")
     if "flow_memory" in report:
         f = report["flow_memory"]
-        e, n = f["engine"]["peak_above_model_mb"], f["eager_output_attentions"]["peak_above_model_mb"]
-        if e is None or n is None:  # a peak reached while building the model hides the method's own
-            con.print("attention flow memory: n/a (the peak was reached before the method ran)")
+        key = "cuda_peak_above_model_mb" if "cuda_peak_above_model_mb" in f["engine"] else "peak_above_model_mb"
+        e, n = f["engine"][key], f["eager_output_attentions"][key]
+        if e is None or n is None:
+            con.print("attention flow memory: n/a (no memory reading on this system)")
         else:
             con.print(f"attention flow at {f['engine']['prompt_len']} prompt tokens: engine {e:.0f} MB, "
                       f"eager output_attentions {n:.0f} MB (engine/eager = {e / n:.3f})")
+
+
+def _mb(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f}"

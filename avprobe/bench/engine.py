@@ -12,8 +12,9 @@ condition, and the report keeps the engine's tokens per condition.
 
 Timing: all methods run in one process, in rounds (fast methods every round, slow ones in
 the first `--slow-repeats`), medians reported. Memory (`--memory`): each method runs once
-in a child process of its own and reports its peak RSS above the loaded model (CPU), or
-`torch.cuda.max_memory_allocated` (GPU); the child is `python -m avprobe.bench.engine --child
+in a child process of its own and reports its peak RSS above the loaded model and inputs
+(CPU; avprobe.memory.PeakRSS resets the kernel's high-water mark first), and on a GPU also
+`torch.cuda.max_memory_allocated` above the model; the child is `python -m avprobe.bench.engine --child
 METHOD ...`. `--explicit-prefix` turns the fused CPU attention kernel off for the prompt
 prefix (`avprobe.probes.attention.USE_FUSED = False`), in the children too, so that the two
 paths can be compared; the report records it as `fused_prefix`.
@@ -33,7 +34,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +51,7 @@ from avprobe.adapters.base import AdapterSettings, ModelAdapter, ModelInputs
 from avprobe.bench import FAST, METHODS, SHAPES, Shape, naive
 from avprobe.conditions import Baseline, Condition, Knockout, sweep
 from avprobe.engine import EngineConfig, RunResult, run
+from avprobe.memory import PeakRSS
 from avprobe.probes import attention
 from avprobe.probes.logit_lens import LensConfig
 from avprobe.types import Role
@@ -257,43 +258,37 @@ def _check_tokens(method: str, toks: list[list[int]], ref: list[list[int]], cond
 
 # ---- memory: one child process per method ---------------------------------------------------
 
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def child_memory(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs in the child: build, measure the method's peak memory, return it (JSON-able)."""
+    """Runs in the child: build, measure the method's peak memory, return it (JSON-able).
+
+    CPU: the peak RSS while the method ran, above the RSS it started from (the loaded model
+    and inputs), by avprobe.memory.PeakRSS (the kernel's high-water mark reset just before).
+    GPU: `torch.cuda.max_memory_allocated` above what was allocated before the method."""
     shape = SHAPES[args.shape]
     adapter, _ = build_adapter(shape, args.device, args.dtype)
     mi = build_inputs(adapter, shape, 0)
     conds = sweep_conditions(adapter.n_layers, args.window or max(1, adapter.n_layers // 4), args.conditions)
     T = args.new_tokens or shape.new_tokens
     fn = method_fn(args.child, adapter, mi, conds, T)
-    import gc
-
-    gc.collect()
-    before_rss, before_peak = _rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    res = fn()
-    _sync(args.device)
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        res = fn()
+        _sync(args.device)
+        seconds = time.perf_counter() - t0
     out: dict[str, Any] = {
         "method": args.child, "conditions": len(conds), "prompt_len": mi.prompt_len, "seconds": seconds,
         "fused_prefix": fused_prefix_used(args.device),
-        "rss_before_mb": before_rss / 1024, "peak_rss_mb": peak / 1024,
-        # a peak reached before the method ran (model building) hides the method's own: flag it
-        "peak_above_model_mb": max(0, peak - before_rss) / 1024 if peak > before_peak else None,
+        "rss_before_mb": rss.before_mb, "peak_rss_mb": rss.peak_mb, "peak_above_model_mb": rss.above_mb,
+        "rss_how": rss.how,
     }
-    if args.device.startswith("cuda"):
+    if cuda:
         out["cuda_peak_above_model_mb"] = (torch.cuda.max_memory_allocated() - base_alloc) / 2**20
+        out["cuda_model_mb"] = base_alloc / 2**20
     if isinstance(res, RunResult):
         out["kv_bytes"] = res.memory
     return out

@@ -137,13 +137,23 @@ class SharedPrefixDecode:
     Suffix position 0 is the last prompt token (its role `suffix0_role`); its key is blocked
     for a row when `suffix0_block[l][row]`.
 
-    How: the prefix keys are reordered once so that each role is one contiguous segment
-    (attention does not depend on key order). Each step, every segment is one fused
-    attention call for all rows, returning its output and log-sum-exp; a knocked-out role
-    is a segment whose log-sum-exp is set to -inf for the blocked rows, so no mask is
-    applied to the long prefix axis. The segments and the rows' own suffixes are merged
-    exactly by their log-sum-exps, and the attention mass per role falls out of the same
-    numbers (exp(lse_segment - lse_total)): recording costs no extra pass over the prefix.
+    The prefix keys are reordered once so that each role is one contiguous segment
+    (attention does not depend on key order); the segments are views of one tensor per
+    layer. The prefix part of a step takes one of two paths, with the same result:
+
+    - fused (CPU, `USE_FUSED`): every segment is one fused attention call for all rows,
+      returning its output and log-sum-exp; a knocked-out role is a segment whose
+      log-sum-exp is set to -inf for the blocked rows, so no mask touches the long prefix
+      axis. The kernel never materialises the [rows, P] scores.
+    - dense (other devices, or `USE_FUSED = False`): one score product over the whole
+      prefix, the knockout as a masked fill, and the per-segment sums of the exponentiated
+      scores as one product with the [P, segments] one-hot: a fixed dozen kernels per layer
+      whatever the number of segments (on a GPU the launches, not the arithmetic, cost).
+
+    Either way the prefix and the rows' own suffixes are merged exactly by log-sum-exp, and
+    the attention mass per role falls out of the same numbers (exp(lse_segment -
+    lse_total)): recording costs no extra pass over the prefix. The per-second buckets of
+    one row (the baseline's) take one more product of that row's queries with the prefix.
     """
 
     def __init__(
@@ -165,6 +175,7 @@ class SharedPrefixDecode:
         self.suffix0_block, self.rule_rows = suffix0_block, rule_rows
         n_layers = len(prefix_block)
         dev = next(iter(prefix_k.values())).device
+        self.fused = USE_FUSED and dev.type == "cpu" and _fused_cpu_available()
         roles = prefix_roles.to(dev).long()
         order = torch.argsort(roles, stable=True)
         sorted_roles = roles[order]
@@ -176,33 +187,41 @@ class SharedPrefixDecode:
             self.segments.append((start, start + n, int(r)))
             start += n
         self.P = start
-        # per layer, per segment: contiguous [1, kvh, n, d] keys and values
-        self.seg_k: dict[int, list[torch.Tensor]] = {}
-        self.seg_v: dict[int, list[torch.Tensor]] = {}
+        # per layer: the role-sorted [1, kvh, P, d] keys and values (segments are views)
+        self.k_sorted: dict[int, torch.Tensor] = {}
+        self.v_sorted: dict[int, torch.Tensor] = {}
         for layer, k in prefix_k.items():
-            ks = k.index_select(2, order)
-            vs = prefix_v[layer].index_select(2, order)
-            self.seg_k[layer] = [ks[:, :, a:b].contiguous() for a, b, _ in self.segments]
-            self.seg_v[layer] = [vs[:, :, a:b].contiguous() for a, b, _ in self.segments]
-        # per layer, per segment: rows blocked from the whole segment ([B] bool) and, if
-        # only part of a segment is blocked for some row, the block pattern ([B, n] bool)
+            self.k_sorted[layer] = k.index_select(2, order)
+            self.v_sorted[layer] = prefix_v[layer].index_select(2, order)
+        # per layer: the block pattern in sorted order ([B, P] bool, None if nothing is
+        # blocked), and per segment the rows blocked from all of it ([B] bool) and, if only
+        # part of a segment is blocked for some row, that segment's pattern ([B, n] bool)
+        self.block: list[torch.Tensor | None] = []
         self.dead: list[list[torch.Tensor | None]] = []
         self.partial: list[list[torch.Tensor | None]] = []
         for layer in range(n_layers):
             pb = prefix_block[layer]
+            blk_all = pb.to(dev)[:, order] if pb is not None else None
+            self.block.append(blk_all)
             dl, pl = [], []
             for a, b, _ in self.segments:
-                if pb is None:
+                if blk_all is None:
                     dl.append(None)
                     pl.append(None)
                     continue
-                blk = pb.to(dev)[:, order[a:b]]
+                blk = blk_all[:, a:b]
                 full, some = blk.all(1), blk.any(1)
                 dl.append(full if full.any() else None)
                 pl.append(blk if (some & ~full).any() else None)
             self.dead.append(dl)
             self.partial.append(pl)
-        self.seg_onehot = role_onehot(torch.tensor([r for _, _, r in self.segments])).to(dev)  # [nseg, R]
+        seg_roles = torch.tensor([r for _, _, r in self.segments])
+        self.seg_onehot = role_onehot(seg_roles).to(dev)  # [nseg, R]
+        # [P, nseg]: which segment each sorted prefix position belongs to (dense path)
+        self.pos_seg = F.one_hot(
+            torch.repeat_interleave(torch.arange(len(self.segments)), torch.tensor([b - a for a, b, _ in self.segments])),
+            len(self.segments),
+        ).to(dev)
         self.picked = torch.zeros(n_rows, self.S, dtype=torch.bool, device=dev)
         self.t = 0
         self.ks: dict[int, torch.Tensor] = {}
@@ -210,6 +229,7 @@ class SharedPrefixDecode:
         self.record = record
         self.suffix0_role = suffix0_role
         self._rows: dict[tuple[int, int], tuple[list, list]] = {}  # (layer, g) -> expanded masks
+        self._typed: dict[torch.dtype, torch.Tensor] = {}  # pos_seg in the accumulation dtype
         # [steps, layers, rows, roles] attention mass per role, mean over heads
         self.flow = torch.zeros(max_steps, n_layers, n_rows, N_ROLES, device=dev) if record else None
         self.buckets = buckets.to(dev)[order] if buckets is not None else None  # [P, NB] one-hot, sorted
@@ -220,7 +240,7 @@ class SharedPrefixDecode:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held for the shared prefix (independent of the row count) and the rows' suffixes."""
-        prefix = sum(t.numel() * t.element_size() for d in (self.seg_k, self.seg_v) for ts in d.values() for t in ts)
+        prefix = sum(t.numel() * t.element_size() for d in (self.k_sorted, self.v_sorted) for t in d.values())
         suffix = sum(t.numel() * t.element_size() for d in (self.ks, self.vs) for t in d.values())
         return {"prefix": prefix, "suffix": suffix}
 
@@ -240,6 +260,39 @@ class SharedPrefixDecode:
             self._rows[key] = (dead, masks)
         return self._rows[key]
 
+    def _prefix_fused(self, layer, qh, scale, g, acc):
+        """Fused path: (per-segment outputs [nseg, 1, kvh, Bg, d], lses [nseg, 1, kvh, Bg])."""
+        dead, masks = self._row_masks(layer, g, qh.dtype)
+        kk, vv = self.k_sorted[layer], self.v_sorted[layer]
+        outs, lses = [], []
+        for i, (a, b, _) in enumerate(self.segments):
+            o, lse = block_attention(qh, kk[:, :, a:b], vv[:, :, a:b], scale, masks[i])
+            lse = lse.to(acc)
+            if dead[i] is not None:
+                lse = lse.masked_fill(dead[i], float("-inf"))
+            outs.append(o)
+            lses.append(lse)
+        return torch.stack(outs).to(acc), torch.stack(lses)
+
+    def _prefix_dense(self, layer, qh, scale, kvh, g, acc):
+        """Dense path: (the unnormalised prefix output [1, kvh, Bg, d], per-segment sums of
+        exp(score - m) [1, kvh, Bg, nseg], the row maxima m [1, kvh, Bg, 1], and
+        exp(score - m) itself [1, kvh, Bg, P])."""
+        B = self.B
+        s = torch.matmul(qh, self.k_sorted[layer].transpose(-1, -2)).to(acc) * scale  # [1, kvh, Bg, P]
+        blk = self.block[layer]
+        if blk is not None:
+            s.view(kvh, B, g, self.P).masked_fill_(blk[None, :, None, :], float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row blocked from the whole prefix
+        e = torch.exp(s - m)
+        if acc not in self._typed:
+            self._typed[acc] = self.pos_seg.to(acc)
+        seg_sum = torch.matmul(e, self._typed[acc])  # [1, kvh, Bg, nseg]
+        vv = self.v_sorted[layer]
+        out = torch.matmul(e.to(vv.dtype), vv).to(acc)
+        return out, seg_sum, m, e
+
     def attend(self, module, q, k, v, mask, scale, kwargs):
         layer = module.layer_idx
         B, H, Q, d = q.shape
@@ -255,17 +308,8 @@ class SharedPrefixDecode:
         ks, vs = self.ks[layer], self.vs[layer]
         ks[:, :, t] = k[:, :, 0]
         vs[:, :, t] = v[:, :, 0]
-        dead, masks = self._row_masks(layer, g, q.dtype)
         # Rows in kv-head-major order: one [kvh, B*g, d] query block shares each kv head.
         qh = q.reshape(B, kvh, g, d).transpose(0, 1).reshape(1, kvh, B * g, d)
-        outs, lses = [], []
-        for i, (kk, vv) in enumerate(zip(self.seg_k[layer], self.seg_v[layer])):
-            o, lse = block_attention(qh, kk, vv, scale, masks[i])
-            lse = lse.to(acc)
-            if dead[i] is not None:
-                lse = lse.masked_fill(dead[i], float("-inf"))
-            outs.append(o)
-            lses.append(lse)
         # The rows' own suffixes (short): explicit scores with the suffix knockouts.
         qg = q.reshape(B, kvh, g, d)
         s_suf = torch.matmul(qg, ks[:, :, : t + 1].transpose(-1, -2)).to(acc) * scale  # [B, kvh, g, t+1]
@@ -282,10 +326,20 @@ class SharedPrefixDecode:
             blocked[:, t] = False  # the diagonal: a row always sees itself
             s_suf.masked_fill_(blocked[:, None, None, :], float("-inf"))
         lse_suf = torch.logsumexp(s_suf, dim=-1).transpose(0, 1).reshape(1, kvh, B * g)  # finite: diagonal
-        lse_seg = torch.stack(lses)  # [nseg, 1, kvh, B*g]
-        lse_tot = torch.logaddexp(torch.logsumexp(lse_seg, dim=0), lse_suf)  # [1, kvh, B*g]
-        w = torch.exp(lse_seg - lse_tot)  # [nseg, 1, kvh, B*g]: each segment's share of the mass
-        out_pre = (w[..., None] * torch.stack(outs).to(acc)).sum(0)  # [1, kvh, B*g, d]
+        if self.fused:
+            outs, lse_seg = self._prefix_fused(layer, qh, scale, g, acc)
+            lse_tot = torch.logaddexp(torch.logsumexp(lse_seg, dim=0), lse_suf)  # [1, kvh, B*g]
+            w = torch.exp(lse_seg - lse_tot)  # [nseg, 1, kvh, B*g]: each segment's share of the mass
+            out_pre = (w[..., None] * outs).sum(0)  # [1, kvh, B*g, d]
+            p_b = None
+        else:
+            o_un, seg_sum, m, e = self._prefix_dense(layer, qh, scale, kvh, g, acc)
+            lse_tot = torch.logaddexp(torch.log(seg_sum.sum(-1)) + m[..., 0], lse_suf)
+            norm = torch.exp(m[..., 0] - lse_tot)  # [1, kvh, B*g]
+            out_pre = o_un * norm[..., None]
+            w = (seg_sum * norm[..., None]).permute(3, 0, 1, 2)  # [nseg, 1, kvh, B*g]
+            rows = slice(self.bucket_row * g, (self.bucket_row + 1) * g)
+            p_b = e[0, :, rows] * norm[0, :, rows, None] if self.bucket_flow is not None else None
         lse_tot_b = lse_tot.view(kvh, B, g).transpose(0, 1)  # [B, kvh, g]
         p_suf = torch.exp(s_suf - lse_tot_b[..., None])  # [B, kvh, g, t+1]
         out = out_pre.view(kvh, B, g, d).transpose(0, 1) + torch.matmul(p_suf.to(vs.dtype), vs[:, :, : t + 1]).to(acc)
@@ -297,24 +351,23 @@ class SharedPrefixDecode:
             f[:, int(Role.GENERATED)] += ps[:, 1:].sum(-1).to(f.dtype)
             self.flow[t, layer] = f
             if self.bucket_flow is not None:
-                self.bucket_flow[t, layer] = self._bucket_mass(layer, q, scale, lse_tot_b, dead, masks, g)
+                self.bucket_flow[t, layer] = self._bucket_mass(layer, q, scale, lse_tot, p_b, kvh, g)
         return out.reshape(B, H, d).unsqueeze(1).to(q.dtype)
 
-    def _bucket_mass(self, layer, q, scale, lse_tot_b, dead, masks, g) -> torch.Tensor:
-        """The bucket row's attention over the prefix, mean over heads, summed per bucket."""
+    def _bucket_mass(self, layer, q, scale, lse_tot, p_dense, kvh, g) -> torch.Tensor:
+        """The bucket row's attention over the prefix, mean over heads, summed per bucket.
+        `p_dense`: on the dense path, that row's probabilities [kvh, g, P], already at hand;
+        None on the fused path, where they take one product of the row's queries here."""
         b = self.bucket_row
-        kvh = lse_tot_b.shape[1]
-        qb = q[b, :, 0].reshape(kvh, g, -1)
-        parts = []
-        for i, kk in enumerate(self.seg_k[layer]):
-            s = torch.matmul(qb, kk[0].transpose(-1, -2)).to(lse_tot_b.dtype) * scale  # [kvh, g, n]
-            if masks[i] is not None:
-                s = s + masks[i][0, 0, b * g : (b + 1) * g].to(s.dtype)
-            p = torch.exp(s - lse_tot_b[b][..., None]).mean(dim=(0, 1))
-            if dead[i] is not None and bool(dead[i][0, 0, b * g]):
-                p = torch.zeros_like(p)
-            parts.append(p)
-        return torch.cat(parts).to(self.buckets.dtype) @ self.buckets
+        if p_dense is None:
+            lse_b = lse_tot[0, :, b * g : (b + 1) * g]  # [kvh, g]
+            qb = q[b, :, 0].reshape(kvh, g, -1)
+            s = torch.matmul(qb, self.k_sorted[layer][0].transpose(-1, -2)).to(lse_b.dtype) * scale  # [kvh, g, P]
+            blk = self.block[layer]
+            if blk is not None:
+                s = s.masked_fill(blk[b], float("-inf"))
+            p_dense = torch.exp(s - lse_b[..., None])
+        return p_dense.mean(dim=(0, 1)).to(self.buckets.dtype) @ self.buckets
 
 
 class ReferenceKnockout:

@@ -40,6 +40,9 @@ class EngineConfig:
     # Never pick an EOS token, so every row decodes exactly max_new_tokens (as HF's
     # min_new_tokens does); benchmarks use it so that every method does equal work.
     suppress_eos: bool = False
+    # Keep every row's k best logits per step (and the logits' spread): the benchmark's
+    # token check tells a reduced-precision near-tie from a real disagreement with them.
+    keep_topk: int = 0
 
 
 @dataclass
@@ -61,6 +64,9 @@ class RunResult:
     bucket_flow: np.ndarray | None = None  # [T, L, NB] baseline row, mean over heads
     lens: LensResult | None = None
     logprobs: torch.Tensor | None = None  # [T, V] baseline row, float32 (only if kept)
+    # with keep_topk: values and ids [B, T, k] of each row's best logits per step, and the
+    # standard deviation of each row's logits per step [B, T] (float32, CPU)
+    topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # bytes of keys/values held by the decode: "prefix" (shared, independent of the number
     # of conditions) and "suffix" (the rows' own generated positions)
     memory: dict[str, int] = field(default_factory=dict)
@@ -150,6 +156,7 @@ def run(
     done = [False] * B
     steps_taken = [0] * B
     logprobs = [] if config.keep_logprobs else None
+    topk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     text_model, embed, unembed = adapter.text_model, adapter.embed, adapter.unembed
     with attn.using(session):
         for t in range(T):
@@ -159,8 +166,12 @@ def run(
             logits = unembed(h.last_hidden_state[:, -1]).float()
             if logprobs is not None:
                 logprobs.append(torch.log_softmax(logits[base_row], -1).cpu())
+            spread = logits.std(-1) if config.keep_topk else None
             if eos_idx is not None:
                 logits.index_fill_(1, eos_idx, float("-inf"))
+            if config.keep_topk:
+                v, i = logits.topk(min(config.keep_topk, logits.shape[-1]), dim=-1)
+                topk.append((v, i, spread))
             nxt = logits.argmax(-1)
             nl = nxt.tolist()
             for i in range(B):
@@ -201,6 +212,7 @@ def run(
         lens=lens_result,
         logprobs=torch.stack(logprobs[: steps_taken[base_row]]) if logprobs else None,
         memory=session.memory_bytes(),
+        topk=tuple(torch.stack(x, 1).cpu() for x in zip(*topk)) if topk else None,
     )
 
 

@@ -186,8 +186,10 @@ def tiny_adapter(family: str = "qwen2_5_omni", **kw: Any) -> ModelAdapter:
 
 
 def random_media(seconds: float = 4.0, fps: float = 2.0, size: int = 56, seed: int = 0, audio: bool = True,
-                 video: bool = True) -> Media:
+                 video: bool = True, height: int | None = None) -> Media:
+    """Random frames (`size` wide, `height` high, square by default) and noise audio."""
     rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 255, (int(seconds * fps), size, size, 3), dtype=np.uint8) if video else None
+    h = size if height is None else height
+    frames = rng.integers(0, 255, (int(seconds * fps), h, size, 3), dtype=np.uint8) if video else None
     wav = (0.1 * rng.standard_normal(int(seconds * 16_000))).astype(np.float32) if audio else None
     return Media(frames=frames, fps=fps, waveform=wav)

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from avprobe import cli
 from avprobe.bench import naive
@@ -40,7 +42,10 @@ def test_bench_reports_every_method_checked_against_the_engine(default_report):
     (s,) = r["samples"]
     assert set(s["timing"]) == set(METHODS)
     assert all(s["timing"][m]["tokens_equal_engine"] for m in METHODS)
-    assert set(s["ratios"]) == {f"{m}/engine" for m in METHODS if m != "engine"}
+    assert set(s["ratios"]) == {f"{m}/engine" for m in METHODS if m != "engine"} | {"engine/floor"}
+    # the methods that record the flow match the engine's (eager output_attentions included)
+    for m in ("careful", "naive"):
+        assert s["timing"][m]["token_check"]["flow_max_abs_diff"] < 1e-4
     assert len(s["tokens"]) == 5 and all(len(t) == 4 for t in s["tokens"])
 
 
@@ -69,6 +74,38 @@ def test_bench_nnsight_peer_gives_the_engine_tokens(tmp_path, default_report):
     r = _bench(tmp_path / "bench.json", methods=("engine", "nnsight"))
     assert r["skipped"] == {} and r["samples"][0]["timing"]["nnsight"]["tokens_equal_engine"]
     assert r["samples"][0]["tokens"] == default_report["samples"][0]["tokens"]
+
+
+def _ref(tokens, topk_ids, topk_values, spread=1.0):
+    """A RunResult with one row whose kept best logits per step are given."""
+    from avprobe.conditions import Baseline
+    from avprobe.engine import ConditionOutput, RunResult
+
+    out = ConditionOutput(Baseline(), tokens, "", None, False)
+    T = len(tokens)
+    return RunResult(prompt_len=2, n_layers=1, roles=np.zeros(2, np.int8), outputs=[out],
+                     topk=(torch.tensor([topk_values], dtype=torch.float32), torch.tensor([topk_ids]),
+                           torch.full((1, T), spread)))
+
+
+def test_token_check_allows_only_near_ties_in_reduced_precision():
+    from avprobe.bench.engine import check_tokens
+    from avprobe.conditions import Baseline
+
+    # step 1: the engine chose 5 (logit 2.00) over 7 (1.99): a near-tie; 9 is far below
+    ref = _ref([3, 5, 6], [[3, 1], [5, 7], [6, 2]], [[4.0, 1.0], [2.0, 1.99], [3.0, 0.0]])
+    conds = [Baseline()]
+    same = check_tokens("m", [[3, 5, 6]], ref, conds, tie_rtol=0.05)
+    assert same["identical"] == 1 and same["near_tie_divergences"] == 0
+    tie = check_tokens("m", [[3, 7, 1]], ref, conds, tie_rtol=0.05)
+    assert tie["near_tie_divergences"] == 1 and tie["max_tie_gap_sd"] == pytest.approx(0.01, abs=1e-5)
+    assert tie["tokens_equal_before_divergence"] == pytest.approx(1 / 3)
+    with pytest.raises(AssertionError, match=r"m and the engine disagree .*step 1"):
+        check_tokens("m", [[3, 7, 1]], ref, conds, tie_rtol=0.0)  # float32: exact
+    with pytest.raises(AssertionError, match=r"step 0, gap 3 sd"):
+        check_tokens("m", [[1, 5, 6]], ref, conds, tie_rtol=0.05)  # a real disagreement
+    with pytest.raises(AssertionError, match=r"step 1\)"):
+        check_tokens("m", [[3, 9, 6]], ref, conds, tie_rtol=0.05)  # not among the engine's best
 
 
 def test_bench_needs_the_engine(tmp_path):

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flow-memory", action="store_true", help="attention-flow memory at ~4,300 prompt tokens")
     p.add_argument("--explicit-prefix", action="store_true",
                    help="prompt prefix through matrix products, not the fused CPU kernel (to compare the two)")
+    p.add_argument("--tie-rtol", type=float, default=None,
+                   help="token check: a row may diverge from the engine's only at a near-tie of the engine's logits "
+                        "within this many standard deviations (default: 0 = exact in float32/64, 0.15 in bfloat16, 0.05 in float16)")
     p.add_argument("--out", type=Path, default=Path("reports/bench.json"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # the memory child's method
 
@@ -68,12 +71,15 @@ def _bench(args: argparse.Namespace) -> int:
 
         print(json.dumps(run_child(args)))
         return 0
-    from avprobe.bench.engine import benchmark
+    from avprobe.bench.engine import benchmark, failures
 
     report = benchmark(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     render(report)
+    bad = failures(report)
+    if bad:  # after the report is written: the timings are kept, the run still fails
+        raise AssertionError("; ".join(bad))
     return 0
 
 
@@ -83,7 +89,7 @@ def render(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = Console()
-    path = "fused CPU kernel" if report["fused_prefix"] else "explicit matrix products"
+    path = "the fused CPU kernel per role segment" if report["fused_prefix"] else "dense matrix products"
     con.print(f"[bold]{report['model']}[/] on {report['device']} ({report['dtype']}, {report['threads']} threads): "
               f"{report['conditions']} conditions x {report['new_tokens']} tokens, window {report['window']}, "
               f"prompt prefix through {path}")
@@ -91,14 +97,26 @@ def render(report: dict[str, Any]) -> None:
         con.print(f"[yellow]skipped {m}: {why}")
     for s in report["samples"]:
         t = Table(title=f"sample {s['sample']}: {s['prompt_len']} prompt tokens (median seconds)")
-        for col in ("method", "seconds", "x engine", "per condition"):
+        gpu = any("cuda_peak_above_model_mb" in v for v in s["timing"].values())
+        for col in ("method", "seconds", "x engine", "per condition", *(["GPU MB"] if gpu else [])):
             t.add_column(col, justify="right")
         for m, v in s["timing"].items():
             ratio = v["seconds"] / s["timing"]["engine"]["seconds"]
             pc = v.get("per_condition_median")
-            t.add_row(m, f"{v['seconds']:.2f}", f"{ratio:.2f}", f"{pc:.2f}" if pc else "")
+            row = [m, f"{v['seconds']:.2f}", f"{ratio:.2f}", f"{pc:.2f}" if pc else ""]
+            t.add_row(*row, *([_mb(v.get("cuda_peak_above_model_mb"))] if gpu else []))
         con.print(t)
-        con.print(f"tokens equal to the engine's for every condition: {', '.join(s['timing'])}")
+        exact = [m for m, v in s["timing"].items() if v["tokens_equal_engine"]]
+        if exact:
+            con.print(f"tokens equal to the engine's for every condition: {', '.join(exact)}")
+        for m, v in s["timing"].items():
+            c = v["token_check"]
+            if "failed" in v:
+                con.print(f"[red]{v['failed']}")
+            elif not v["tokens_equal_engine"]:
+                con.print(f"{m}: {c['identical']} of {c['conditions']} conditions equal to the engine's tokens, "
+                          f"{c['near_tie_divergences']} diverge at a near-tie (largest gap {c['max_tie_gap_sd']:.3f} "
+                          f"sd <= {c['tie_rtol']}); {c['tokens_equal_before_divergence']:.1%} of tokens equal")
     if "memory" in report:
         gpu = any("cuda_peak_above_model_mb" in v for v in report["memory"].values())
         t = Table(title="peak memory while the method ran, above the loaded model and inputs (MB)")

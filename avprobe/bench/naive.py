@@ -53,10 +53,15 @@ def _role_blocks(condition: Condition) -> None:
         raise ValueError(f"{condition.label()}: the naive protocols implement role knockouts only")
 
 
+def _on_device(adapter: ModelAdapter, mi: ModelInputs) -> dict:
+    """The prompt's model inputs on the model's device (ModelInputs keep them on the CPU)."""
+    return {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in mi.inputs.items()}
+
+
 def _generate(adapter: ModelAdapter, mi: ModelInputs, max_new_tokens: int, **kw) -> object:
     eos = sorted(adapter.eos_ids)
     return adapter.model.generate(
-        **mi.inputs,
+        **_on_device(adapter, mi),
         max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens,
         do_sample=False,
@@ -87,7 +92,7 @@ def _key_roles(mi: ModelInputs, max_new_tokens: int) -> torch.Tensor:
 def _lens_forward(adapter: ModelAdapter, mi: ModelInputs, lens: LensConfig) -> LensResult:
     """The separate forward the paper ran for its logit lens: every layer's hidden states
     for the whole prompt, then decode the audio positions."""
-    out = adapter.model(**mi.inputs, output_hidden_states=True, use_cache=False)
+    out = adapter.model(**_on_device(adapter, mi), output_hidden_states=True, use_cache=False)
     pos = mi.role_positions(Role.AUDIO)
     # hidden_states[l + 1] is layer l's output (the last one already normed: the lens result
     # of the last layer differs by one norm; timing is what this forward is for).
@@ -381,7 +386,7 @@ def _nnsight_generate(wrapped, adapter: ModelAdapter, mi: ModelInputs, max_new_t
     `tracer.result`)."""
     eos = sorted(adapter.eos_ids)
     return wrapped.trace(
-        **mi.inputs, fn=adapter.model.generate, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        **_on_device(adapter, mi), fn=adapter.model.generate, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
         do_sample=False, eos_token_id=eos, pad_token_id=eos[0], output_attentions=record,
         return_dict_in_generate=True,
     )

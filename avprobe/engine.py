@@ -67,6 +67,7 @@ class RunResult:
     # with keep_topk: values and ids [B, T, k] of each row's best logits per step, and the
     # standard deviation of each row's logits per step [B, T] (float32, CPU)
     topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    prefix_path: str = ""  # how the decode attended to the prompt: "fused" or "dense"
     # bytes of keys/values held by the decode: "prefix" (shared, independent of the number
     # of conditions) and "suffix" (the rows' own generated positions)
     memory: dict[str, int] = field(default_factory=dict)
@@ -213,6 +214,7 @@ def run(
         logprobs=torch.stack(logprobs[: steps_taken[base_row]]) if logprobs else None,
         memory=session.memory_bytes(),
         topk=tuple(torch.stack(x, 1).cpu() for x in zip(*topk)) if topk else None,
+        prefix_path=session.path or "",
     )
 
 

@@ -3,7 +3,7 @@
 The benchmark lives in the package (avprobe/bench/engine.py, avprobe/bench/naive.py, options
 in avprobe/bench/cli.py); this script takes the same options:
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_engine.py --shape cpu [--explicit-prefix]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_engine.py --shape cpu [--prefix-path dense]
     avprobe bench --shape tiny --repeats 1                   # the same, installed
 """
 

@@ -38,7 +38,8 @@ def default_report(tmp_path_factory) -> dict:
 def test_bench_reports_every_method_checked_against_the_engine(default_report):
     r = default_report
     assert r["methods"] == list(METHODS) and r["conditions"] == 5 and r["new_tokens"] == 4
-    assert r["fused_prefix"] is attention._fused_cpu_available()
+    # 5 conditions over a 131-token prompt: few scores, dense products (see PREFIX_PATH)
+    assert r["prefix_path"] == "dense"
     (s,) = r["samples"]
     assert set(s["timing"]) == set(METHODS)
     assert all(s["timing"][m]["tokens_equal_engine"] for m in METHODS)
@@ -62,10 +63,12 @@ def test_bench_token_check_names_the_method_that_disagrees(tmp_path, monkeypatch
         _bench(tmp_path / "bench.json", methods=("engine", "floor"))
 
 
-def test_bench_explicit_prefix_gives_the_default_tokens(tmp_path, default_report):
-    r = _bench(tmp_path / "bench.json", "--explicit-prefix", methods=("engine", "floor"))
-    assert r["fused_prefix"] is False
-    assert attention.USE_FUSED is True  # restored after the run
+def test_bench_fused_prefix_gives_the_default_tokens(tmp_path, default_report):
+    if not attention._fused_cpu_available():
+        pytest.skip("this torch has no fused CPU kernel")
+    r = _bench(tmp_path / "bench.json", "--prefix-path", "fused", methods=("engine", "floor"))
+    assert r["prefix_path"] == "fused"
+    assert attention.PREFIX_PATH == "auto"  # restored after the run
     assert r["samples"][0]["tokens"] == default_report["samples"][0]["tokens"]
 
 
@@ -115,10 +118,11 @@ def test_bench_needs_the_engine(tmp_path):
 
 def test_memory_child_runs_as_a_module_with_the_prefix_setting():
     """measure_memory's child is `python -m avprobe.bench.engine --child ...` (works installed)."""
-    args = argparse.Namespace(device="cpu", dtype="float32", threads=1, window=None, explicit_prefix=True)
+    args = argparse.Namespace(device="cpu", dtype="float32", threads=1, window=None, prefix_path="fused")
     res = measure_memory(args, "engine", "tiny", 2, 2)
     assert res["method"] == "engine" and res["conditions"] == 2
-    assert res["fused_prefix"] is False
+    assert res["prefix_path"] == ("fused" if attention._fused_cpu_available() else "dense")
+    assert res["rss_how"] in ("hwm-reset", "sampled") and res["peak_above_model_mb"] is not None
     assert res["peak_rss_mb"] > 0 and set(res["kv_bytes"]) >= {"prefix", "suffix"}
 
 

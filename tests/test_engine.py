@@ -201,8 +201,8 @@ def test_rejects_out_of_range_layers():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_prefix_attention_equals_explicit_path(dtype, monkeypatch):
-    """The CPU fused kernel per role segment, merged by log-sum-exp, is the explicit softmax."""
+def test_fused_prefix_attention_equals_dense_path(dtype, monkeypatch):
+    """The CPU fused kernel per role segment, merged by log-sum-exp, is the dense softmax."""
     assert attn._fused_cpu_available(), "this torch has no fused CPU kernel: the comparison would be vacuous"
     adapter = tiny_adapter("qwen2_5_omni", n_layers=4, seed=4)
     adapter.model.to(dtype)
@@ -212,14 +212,27 @@ def test_fused_prefix_attention_equals_explicit_path(dtype, monkeypatch):
              Knockout((Role.QUERY,), (0, 1, 2, 3))]
     cfg = EngineConfig(max_new_tokens=6)
     results = {}
-    for fused in (True, False):
-        monkeypatch.setattr(attn, "USE_FUSED", fused)
-        results[fused] = run(adapter, mi, conds, cfg)
+    for path in ("fused", "dense"):
+        monkeypatch.setattr(attn, "PREFIX_PATH", path)
+        results[path] = run(adapter, mi, conds, cfg)
+        assert results[path].prefix_path == path
     tol = 1e-4 if dtype == torch.float32 else 1e-9
-    for a, b in zip(results[True].outputs, results[False].outputs, strict=True):
+    for a, b in zip(results["fused"].outputs, results["dense"].outputs, strict=True):
         assert a.token_ids == b.token_ids, a.condition.label()
         np.testing.assert_allclose(a.flow, b.flow, atol=tol)
-    np.testing.assert_allclose(results[True].bucket_flow, results[False].bucket_flow, atol=tol)
+    np.testing.assert_allclose(results["fused"].bucket_flow, results["dense"].bucket_flow, atol=tol)
+
+
+def test_auto_prefix_path_is_dense_for_few_scores_and_fused_for_many(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attn, "PREFIX_PATH", "auto")
+    assert attn.choose_prefix_path(cpu, attn.DENSE_MAX_SCORES) == "dense"
+    assert attn.choose_prefix_path(cpu, attn.DENSE_MAX_SCORES + 1) == (
+        "fused" if attn._fused_cpu_available() else "dense")
+    assert attn.choose_prefix_path(torch.device("meta"), 10**9) == "dense"  # not a CPU: products
+    monkeypatch.setattr(attn, "PREFIX_PATH", "fast")
+    with pytest.raises(ValueError, match="PREFIX_PATH must be"):
+        attn.choose_prefix_path(cpu, 1)
 
 
 def test_prefix_memory_is_independent_of_condition_count():

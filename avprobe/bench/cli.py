@@ -1,7 +1,7 @@
 """`avprobe bench`: avprobe's engine against the paper's protocol (see avprobe/bench/engine.py).
 
     avprobe bench --shape tiny --repeats 1                   # seconds, a smoke run
-    avprobe bench --shape cpu --memory [--explicit-prefix]
+    avprobe bench --shape cpu --memory [--prefix-path dense]
     python benchmarks/bench_engine.py --shape cpu            # the same command, as a script
 
 Writes the report JSON (`--out`) and prints it as tables. `pip install -e .[bench]` adds the
@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     p.add_argument("--memory", action="store_true", help="peak memory per method (child processes)")
     p.add_argument("--flow-memory", action="store_true", help="attention-flow memory at ~4,300 prompt tokens")
-    p.add_argument("--explicit-prefix", action="store_true",
-                   help="prompt prefix through matrix products, not the fused CPU kernel (to compare the two)")
+    p.add_argument("--prefix-path", choices=["auto", "fused", "dense"], default="auto",
+                   help="how the engine attends to the prompt prefix: the fused CPU kernel per role segment, dense "
+                        "products, or auto (fused on long CPU prompts); to compare them")
     p.add_argument("--tie-rtol", type=float, default=None,
                    help="token check: a row may diverge from the engine's only at a near-tie of the engine's logits "
                         "within this many standard deviations (default: 0 = exact in float32/64, 0.15 in bfloat16, 0.05 in float16)")
@@ -89,7 +90,8 @@ def render(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = Console()
-    path = "the fused CPU kernel per role segment" if report["fused_prefix"] else "dense matrix products"
+    path = {"fused": "the fused CPU kernel per role segment", "dense": "dense matrix products"}.get(
+        report.get("prefix_path", ""), "?")
     con.print(f"[bold]{report['model']}[/] on {report['device']} ({report['dtype']}, {report['threads']} threads): "
               f"{report['conditions']} conditions x {report['new_tokens']} tokens, window {report['window']}, "
               f"prompt prefix through {path}")

@@ -15,12 +15,13 @@ the first `--slow-repeats`), medians reported. Memory (`--memory`): each method 
 in a child process of its own and reports its peak RSS above the loaded model and inputs
 (CPU; avprobe.memory.PeakRSS resets the kernel's high-water mark first), and on a GPU also
 `torch.cuda.max_memory_allocated` above the model; the child is `python -m avprobe.bench.engine --child
-METHOD ...`. `--explicit-prefix` turns the fused CPU attention kernel off for the prompt
-prefix (`avprobe.probes.attention.USE_FUSED = False`), in the children too, so that the two
-paths can be compared; the report records it as `fused_prefix`.
+METHOD ...`. `--prefix-path fused|dense` forces how the engine attends to the prompt prefix
+(`avprobe.probes.attention.PREFIX_PATH`; default auto: the fused CPU kernel per role segment
+on long prompts, dense products otherwise and on GPUs), in the children too, so that the
+paths can be compared; the report records the path the engine took as `prefix_path`.
 
     avprobe bench --shape tiny --repeats 1                   # seconds, a smoke run
-    avprobe bench --shape cpu [--explicit-prefix]            # 12 layers, ~2,200-token prompt
+    avprobe bench --shape cpu [--prefix-path dense]          # 12 layers, ~2,200-token prompt
     python benchmarks/bench_engine.py --shape cpu            # the same, as a script
     avprobe bench --device cuda --dtype bfloat16 --shape qwen2.5-omni-3b
 
@@ -174,21 +175,15 @@ TOPK = 5  # the engine's best logits kept per step for the check, when TIE_RTOL 
 
 
 @contextmanager
-def prefix_path(explicit: bool) -> Iterator[None]:
-    """With `explicit`, the prompt prefix goes through matrix products instead of the fused
-    CPU kernel for the block; the previous setting is restored after, so an in-process run
-    (a test) leaves the module as it found it."""
-    saved = attention.USE_FUSED
-    attention.USE_FUSED = saved and not explicit
+def prefix_path(path: str) -> Iterator[None]:
+    """Set attention.PREFIX_PATH for the run ("auto", "fused" or "dense"); the previous
+    setting is restored after, so an in-process run (a test) leaves the module as it was."""
+    saved = attention.PREFIX_PATH
+    attention.PREFIX_PATH = path
     try:
         yield
     finally:
-        attention.USE_FUSED = saved
-
-
-def fused_prefix_used(device: str) -> bool:
-    """Whether block_attention takes the fused kernel on `device` under the current setting."""
-    return bool(attention.USE_FUSED and torch.device(device).type == "cpu" and attention._fused_cpu_available())
+        attention.PREFIX_PATH = saved
 
 
 def method_fn(name: str, adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition], T: int,
@@ -277,6 +272,7 @@ def time_methods(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition],
         if m in cuda_peak:
             out[m]["cuda_peak_above_model_mb"] = cuda_peak[m]
     assert ref is not None  # every method ran at least once, and the first one set it
+    out["engine"]["prefix_path"] = ref.prefix_path
     return out, tokens_of(ref)
 
 
@@ -373,7 +369,7 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
     out: dict[str, Any] = {
         "method": args.child, "conditions": len(conds), "prompt_len": mi.prompt_len, "seconds": seconds,
-        "fused_prefix": fused_prefix_used(args.device),
+        "prefix_path": res.prefix_path if isinstance(res, RunResult) else None,
         "rss_before_mb": rss.before_mb, "peak_rss_mb": rss.peak_mb, "peak_above_model_mb": rss.above_mb,
         "rss_how": rss.how,
     }
@@ -388,7 +384,7 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
     """child_memory under the run's settings (threads, prefix path, no autograd)."""
     torch.set_num_threads(args.threads)
-    with prefix_path(args.explicit_prefix), torch.no_grad():
+    with prefix_path(args.prefix_path), torch.no_grad():
         return child_memory(args)
 
 
@@ -404,8 +400,7 @@ def measure_memory(args: argparse.Namespace, method: str, shape: str, conditions
         cmd += ["--new-tokens", str(new_tokens)]
     if args.window:
         cmd += ["--window", str(args.window)]
-    if args.explicit_prefix:
-        cmd += ["--explicit-prefix"]
+    cmd += ["--prefix-path", args.prefix_path]
     # the child imports the avprobe this process runs (a checkout that is not installed too)
     env = dict(os.environ)
     src = str(Path(avprobe.__file__).resolve().parent.parent)
@@ -425,7 +420,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     (`failures(report)`): the caller writes the report, then fails."""
     if "engine" not in args.methods:
         raise ValueError("the ratios and the token check are against the engine: --methods must include engine")
-    with prefix_path(args.explicit_prefix):
+    with prefix_path(args.prefix_path):
         return _benchmark(args)
 
 
@@ -443,7 +438,7 @@ def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "shape": asdict(shape), "model": desc, "device": args.device, "dtype": args.dtype,
         "threads": args.threads, "n_layers": L, "window": window, "conditions": len(conds),
         "new_tokens": T, "methods": methods, "skipped": {m: "nnsight is not importable" for m in skipped},
-        "fused_prefix": fused_prefix_used(args.device), "samples": [],
+        "prefix_path_setting": args.prefix_path, "samples": [],
     }
     tie_rtol = TIE_RTOL[args.dtype] if args.tie_rtol is None else args.tie_rtol
     report["tie_rtol"] = tie_rtol
@@ -458,15 +453,16 @@ def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if "floor" in timing:
             ratios["engine/floor"] = e / timing["floor"]["seconds"]
         row = {"sample": s, "prompt_len": mi.prompt_len, "timing": timing, "ratios": ratios,
-               # per condition, in sweep order: compares runs (--explicit-prefix, devices)
+               # per condition, in sweep order: compares runs (--prefix-path, devices)
                "condition_labels": [c.label() for c in conds], "tokens": tokens}
         report["samples"].append(row)
+        report["prefix_path"] = timing["engine"]["prefix_path"]
         if cuda:
             log.info("peak GPU memory above the model (MB): %s",
                      {m: round(v["cuda_peak_above_model_mb"]) for m, v in timing.items()})
     most = max_conditions(L, window)
     counts = [n for n in (5, 49) if n <= most]  # the engine's memory as the sweep grows
-    for n in (5, 49):
+    for n in (5, 49) if args.memory else ():
         if n > most:  # a shallow model (tiny) has fewer distinct conditions
             report["skipped"][f"engine_{n}_conditions"] = f"a {L}-layer model has {most} distinct conditions"
     if args.memory and cuda:

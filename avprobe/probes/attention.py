@@ -99,8 +99,26 @@ def _fused_cpu_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-# Set False to force the explicit path everywhere (tests compare the two).
-USE_FUSED = True
+# How SharedPrefixDecode attends to the prompt prefix: "fused" (the CPU fused kernel per role
+# segment), "dense" (matrix products over the whole prefix) or "auto": fused on CPU once the
+# step's scores ([kv heads, rows, prefix]) outnumber DENSE_MAX_SCORES, dense otherwise. The
+# fused kernel's per-call cost loses to a few products on short prompts (organism: 17
+# conditions over 130 tokens, 0.56 s dense against 0.65 s fused per sweep) and wins on long
+# ones (cpu shape: 25 conditions over 2,224 tokens, 5.5 s against 9.5 s); the crossover
+# measured between 1.4e5 and 6e5 scores. "dense" also turns the floor's fused call off.
+PREFIX_PATH = "auto"
+DENSE_MAX_SCORES = 1 << 18
+
+
+def choose_prefix_path(device: torch.device, n_scores: int) -> str:
+    """'fused' or 'dense' for one decode session (see PREFIX_PATH)."""
+    if PREFIX_PATH not in ("auto", "fused", "dense"):
+        raise ValueError(f"PREFIX_PATH must be 'auto', 'fused' or 'dense', not {PREFIX_PATH!r}")
+    if PREFIX_PATH == "dense" or device.type != "cpu" or not _fused_cpu_available():
+        return "dense"
+    if PREFIX_PATH == "fused":
+        return "fused"
+    return "fused" if n_scores > DENSE_MAX_SCORES else "dense"
 
 
 def block_attention(
@@ -115,7 +133,7 @@ def block_attention(
     never materialises the [M, N] scores (the shared prompt prefix is the long axis); other
     devices use matrix products.
     """
-    if USE_FUSED and q.device.type == "cpu" and _fused_cpu_available():
+    if PREFIX_PATH != "dense" and q.device.type == "cpu" and _fused_cpu_available():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
         return out, lse
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -141,11 +159,11 @@ class SharedPrefixDecode:
     (attention does not depend on key order); the segments are views of one tensor per
     layer. The prefix part of a step takes one of two paths, with the same result:
 
-    - fused (CPU, `USE_FUSED`): every segment is one fused attention call for all rows,
+    - fused (CPU, long prompts; see PREFIX_PATH): every segment is one fused attention call for all rows,
       returning its output and log-sum-exp; a knocked-out role is a segment whose
       log-sum-exp is set to -inf for the blocked rows, so no mask touches the long prefix
       axis. The kernel never materialises the [rows, P] scores.
-    - dense (other devices, or `USE_FUSED = False`): one score product over the whole
+    - dense (other devices, short prompts): one score product over the whole
       prefix, the knockout as a masked fill, and the per-segment sums of the exponentiated
       scores as one product with the [P, segments] one-hot: a fixed dozen kernels per layer
       whatever the number of segments (on a GPU the launches, not the arithmetic, cost).
@@ -175,7 +193,7 @@ class SharedPrefixDecode:
         self.suffix0_block, self.rule_rows = suffix0_block, rule_rows
         n_layers = len(prefix_block)
         dev = next(iter(prefix_k.values())).device
-        self.fused = USE_FUSED and dev.type == "cpu" and _fused_cpu_available()
+        self.path: str | None = None  # "fused" or "dense", chosen at the first step (rows known)
         roles = prefix_roles.to(dev).long()
         order = torch.argsort(roles, stable=True)
         sorted_roles = roles[order]
@@ -302,6 +320,8 @@ class SharedPrefixDecode:
         g = H // kvh
         t = self.t
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if self.path is None:
+            self.path = choose_prefix_path(q.device, kvh * B * g * self.P)
         if layer not in self.ks:
             self.ks[layer] = k.new_zeros(B, kvh, self.S, d)
             self.vs[layer] = v.new_zeros(B, kvh, self.S, d)
@@ -326,7 +346,7 @@ class SharedPrefixDecode:
             blocked[:, t] = False  # the diagonal: a row always sees itself
             s_suf.masked_fill_(blocked[:, None, None, :], float("-inf"))
         lse_suf = torch.logsumexp(s_suf, dim=-1).transpose(0, 1).reshape(1, kvh, B * g)  # finite: diagonal
-        if self.fused:
+        if self.path == "fused":
             outs, lse_seg = self._prefix_fused(layer, qh, scale, g, acc)
             lse_tot = torch.logaddexp(torch.logsumexp(lse_seg, dim=0), lse_suf)  # [1, kvh, B*g]
             w = torch.exp(lse_seg - lse_tot)  # [nseg, 1, kvh, B*g]: each segment's share of the mass

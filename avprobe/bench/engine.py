@@ -6,19 +6,23 @@ lens. Methods (see avprobe/bench/naive.py): `naive` (the paper's code: eager, on
 condition), `nnsight` (the same written with nnsight, when installed), `careful` (sdpa, one
 generate per condition), `engine` (avprobe.engine.run: one prefill, one batched decode of
 all conditions with recording and lens) and `floor` (one prefill plus one shared-prefix
-batched decode, nothing recorded). Each method's first run is checked: the benchmark fails
-(an AssertionError naming the method) unless it produced the engine's tokens for every
-condition, and the report keeps the engine's tokens per condition.
+batched decode, nothing recorded). Each method's first run is checked against the engine's
+tokens for every condition (`check_tokens`: exact in float32, only near-ties of the engine's
+logits may flip in bf16) and, where it records one, against the engine's attention flow
+(`check_flow`); a failed check is kept in the report, which `avprobe bench` writes before it
+fails. The report keeps the engine's tokens per condition.
 
 Timing: all methods run in one process, in rounds (fast methods every round, slow ones in
-the first `--slow-repeats`), medians reported. Memory (`--memory`): each method runs once
-in a child process of its own and reports its peak RSS above the loaded model and inputs
-(CPU; avprobe.memory.PeakRSS resets the kernel's high-water mark first), and on a GPU also
-`torch.cuda.max_memory_allocated` above the model; the child is `python -m avprobe.bench.engine --child
-METHOD ...`. `--prefix-path fused|dense` forces how the engine attends to the prompt prefix
-(`avprobe.probes.attention.PREFIX_PATH`; default auto: the fused CPU kernel per role segment
-on long prompts, dense products otherwise and on GPUs), in the children too, so that the
-paths can be compared; the report records the path the engine took as `prefix_path`.
+the first `--slow-repeats`), medians reported. Memory (`--memory`): on the CPU each method
+runs once in a child process of its own (`python -m avprobe.bench.engine --child METHOD
+...`) and reports its peak RSS above the loaded model and inputs (avprobe.memory.PeakRSS
+resets the kernel's high-water mark first); on a GPU each method's first timed run records
+`torch.cuda.max_memory_allocated` above the model, in-process (the caching allocator's
+figure needs no child). `--prefix-path fused|dense` forces how the engine attends to the
+prompt prefix (`avprobe.probes.attention.PREFIX_PATH`; default auto: the fused CPU kernel
+per role segment on long prompts, dense products otherwise and on GPUs), in the children
+too, so that the paths can be compared; the report records the path the engine took as
+`prefix_path`.
 
     avprobe bench --shape tiny --repeats 1                   # seconds, a smoke run
     avprobe bench --shape cpu [--prefix-path dense]          # 12 layers, ~2,200-token prompt

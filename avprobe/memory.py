@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import logging
 import resource
 import sys
 import threading
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-log = logging.getLogger(__name__)
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 

@@ -111,6 +111,23 @@ def test_token_check_allows_only_near_ties_in_reduced_precision():
         check_tokens("m", [[3, 9, 6]], ref, conds, tie_rtol=0.05)  # not among the engine's best
 
 
+def test_cuda_peak_is_the_blocks_peak_above_its_start(monkeypatch):
+    """The GPU memory figure's arithmetic, with the allocator's counters stubbed (no GPU here)."""
+    from avprobe.bench.engine import cuda_peak
+
+    state = {"allocated": 3 * 2**20, "peak": 9 * 2**20}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: state.update(peak=state["allocated"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: state["peak"])
+    with cuda_peak() as m:
+        state["peak"] = 8 * 2**20  # the block's own peak: 5 MB above the 3 it started from
+    assert m == {"base_mb": 3.0, "above_mb": 5.0}
+    with cuda_peak(enabled=False) as off:
+        pass
+    assert off == {}
+
+
 def test_bench_needs_the_engine(tmp_path):
     with pytest.raises(ValueError, match="must include engine"):
         _bench(tmp_path / "bench.json", methods=("floor",))

@@ -218,6 +218,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@contextmanager
+def cuda_peak(enabled: bool = True) -> Iterator[dict[str, float]]:
+    """`with cuda_peak() as m: ...` then m["above_mb"]: the GPU's peak allocated memory during
+    the block above what was allocated at its start, and m["base_mb"] (nothing when not
+    `enabled`, e.g. on the CPU)."""
+    m: dict[str, float] = {}
+    if not enabled:
+        yield m
+        return
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    yield m
+    torch.cuda.synchronize()
+    m["base_mb"] = base / 2**20
+    m["above_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def time_methods(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition], T: int, methods: list[str],
                  repeats: int, slow_repeats: int, device: str,
                  tie_rtol: float = 0.0) -> tuple[dict[str, Any], list[list[int]]]:
@@ -229,7 +247,7 @@ def time_methods(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition],
     fns = {m: method_fn(m, adapter, mi, conds, T, topk=topk) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     per_cond: dict[str, list[float]] = {}
-    cuda_peak: dict[str, float] = {}
+    gpu_mb: dict[str, float] = {}  # each method's first run: peak GPU memory above the model
     ref: RunResult | None = None
     checks: dict[str, dict[str, Any]] = {}
     cuda = device.startswith("cuda")
@@ -240,17 +258,15 @@ def time_methods(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition],
             if m in FAST and r >= repeats or m not in FAST and r >= slow_repeats:
                 continue
             _sync(device)
-            if cuda and m not in cuda_peak:
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            res = fns[m]()
-            _sync(device)
-            times[m].append(time.perf_counter() - t0)
-            if cuda and m not in cuda_peak:
-                cuda_peak[m] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            with cuda_peak(cuda and m not in gpu_mb) as peak:
+                t0 = time.perf_counter()
+                res = fns[m]()
+                _sync(device)
+                times[m].append(time.perf_counter() - t0)
+            if peak:
+                gpu_mb[m] = peak["above_mb"]
             log.info("%s, round %d: %.2f s%s", m, r, times[m][-1],
-                     f", peak {cuda_peak[m]:.0f} MB above the model" if cuda and r == 0 else "")
+                     f", peak {peak['above_mb']:.0f} MB above the model" if peak else "")
             if m == "engine" and ref is None:
                 ref = res
             if m not in checks:
@@ -273,8 +289,8 @@ def time_methods(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition],
             out[m]["failed"] = checks[m]["failed"]
         if m in per_cond:
             out[m]["per_condition_median"] = statistics.median(per_cond[m])
-        if m in cuda_peak:
-            out[m]["cuda_peak_above_model_mb"] = cuda_peak[m]
+        if m in gpu_mb:
+            out[m]["cuda_peak_above_model_mb"] = gpu_mb[m]
     assert ref is not None  # every method ran at least once, and the first one set it
     out["engine"]["prefix_path"] = ref.prefix_path
     return out, tokens_of(ref)
@@ -361,12 +377,7 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
     conds = sweep_conditions(adapter.n_layers, args.window or max(1, adapter.n_layers // 4), args.conditions)
     T = args.new_tokens or shape.new_tokens
     fn = method_fn(args.child, adapter, mi, conds, T)
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_alloc = torch.cuda.memory_allocated()
-    with PeakRSS() as rss:
+    with cuda_peak(args.device.startswith("cuda")) as gpu, PeakRSS() as rss:
         t0 = time.perf_counter()
         res = fn()
         _sync(args.device)
@@ -377,9 +388,9 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_mb": rss.before_mb, "peak_rss_mb": rss.peak_mb, "peak_above_model_mb": rss.above_mb,
         "rss_how": rss.how,
     }
-    if cuda:
-        out["cuda_peak_above_model_mb"] = (torch.cuda.max_memory_allocated() - base_alloc) / 2**20
-        out["cuda_model_mb"] = base_alloc / 2**20
+    if gpu:
+        out["cuda_peak_above_model_mb"] = gpu["above_mb"]
+        out["cuda_model_mb"] = gpu["base_mb"]
     if isinstance(res, RunResult):
         out["kv_bytes"] = res.memory
     return out
@@ -447,8 +458,11 @@ def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
     tie_rtol = TIE_RTOL[args.dtype] if args.tie_rtol is None else args.tie_rtol
     report["tie_rtol"] = tie_rtol
     cuda = args.device.startswith("cuda")
+    first_inputs = None
     for s in range(args.samples):
         mi = build_inputs(adapter, shape, s)
+        if first_inputs is None:
+            first_inputs = mi
         log.info("sample %d: %d prompt tokens, %d conditions, %d new tokens", s, mi.prompt_len, len(conds), T)
         timing, tokens = time_methods(adapter, mi, conds, T, methods, args.repeats, args.slow_repeats, args.device,
                                       tie_rtol)
@@ -475,10 +489,9 @@ def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                 "peak_above_model_mb": None, "rss_how": "",
                                 "cuda_peak_above_model_mb": v["cuda_peak_above_model_mb"]}
                             for m, v in report["samples"][0]["timing"].items()}
-        mi = build_inputs(adapter, shape, 0)
         for n in counts:
-            report["memory"][f"engine_{n}_conditions"] = cuda_engine_memory(adapter, mi, conds[:n] if n <= len(conds)
-                                                                            else sweep_conditions(L, window, n), T)
+            report["memory"][f"engine_{n}_conditions"] = cuda_engine_memory(
+                adapter, first_inputs, sweep_conditions(L, window, n), T)
     elif args.memory:
         mem: dict[str, Any] = {}
         for m in methods:
@@ -504,15 +517,12 @@ def failures(report: dict[str, Any]) -> list[str]:
 
 def cuda_engine_memory(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition], T: int) -> dict[str, Any]:
     """One engine run on the GPU: its peak allocated memory above the model, and its K/V bytes."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    res = run(adapter, mi, conds, engine_config(T))
-    torch.cuda.synchronize()
+    with cuda_peak() as gpu:
+        t0 = time.perf_counter()
+        res = run(adapter, mi, conds, engine_config(T))
     return {"method": "engine", "conditions": len(conds), "prompt_len": mi.prompt_len,
             "seconds": time.perf_counter() - t0, "peak_rss_mb": None, "peak_above_model_mb": None, "rss_how": "",
-            "cuda_peak_above_model_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "kv_bytes": res.memory}
+            "cuda_peak_above_model_mb": gpu["above_mb"], "kv_bytes": res.memory}
 
 
 def child_main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,14 @@ class EngineConfig:
     # Keep every row's k best logits per step (and the logits' spread): the benchmark's
     # token check tells a reduced-precision near-tie from a real disagreement with them.
     keep_topk: int = 0
+    # How the decode attends to the prompt prefix: "auto", "fused" or "dense"
+    # (avprobe.probes.attention.PREFIX_PATHS); the result is the same, the cost differs.
+    prefix_path: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        attn.check_prefix_path(self.prefix_path)
 
 
 @dataclass
@@ -103,12 +111,17 @@ def run(
     conditions: list[Condition],
     config: EngineConfig = EngineConfig(),
 ) -> RunResult:
-    """Decode every condition for one prompt. Returns tokens, text and attention flow per row."""
+    """Decode every condition for one prompt. Returns tokens, text and attention flow per row.
+    The model's attention implementation is avprobe's for the run, its own again after."""
     if not conditions:
         raise ValueError("no conditions to run")
     if len(set(conditions)) != len(conditions):
         raise ValueError("conditions must be distinct")
-    attn.install(adapter.model)
+    with attn.installed(adapter.model):
+        return _run(adapter, mi, conditions, config)
+
+
+def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], config: EngineConfig) -> RunResult:
     model, dev = adapter.model, adapter.device
     P, L, B = mi.prompt_len, adapter.n_layers, len(conditions)
     roles = mi.roles[:P]
@@ -143,7 +156,7 @@ def run(
         capture.keys, capture.values, B, T,
         to_dev(masks.prefix_block), to_dev(masks.suffix0_block), to_dev(masks.rule_rows),
         roles[: P - 1], int(roles[P - 1]), record=config.record_attention,
-        buckets=buckets, bucket_row=base_row,
+        buckets=buckets, bucket_row=base_row, prefix_path=config.prefix_path,
     )
     # The session keeps its own role-ordered copy of the prefix: drop the captured one.
     capture.keys.clear()
@@ -228,9 +241,14 @@ def reference_decode(
 ) -> tuple[list[int], attn.ReferenceKnockout]:
     """One condition, decoded the straightforward way: full prompt forward with the
     knockout mask on generated rows, then one token at a time with HF's cache."""
+    with attn.installed(adapter.model):
+        return _reference_decode(adapter, mi, condition, max_new_tokens, record)
+
+
+def _reference_decode(adapter: ModelAdapter, mi: ModelInputs, condition: Condition, max_new_tokens: int,
+                      record: bool) -> tuple[list[int], attn.ReferenceKnockout]:
     from transformers import DynamicCache
 
-    attn.install(adapter.model)
     P, L = mi.prompt_len, adapter.n_layers
     blocked, rule_layers = reference_masks(condition, L)
     session = attn.ReferenceKnockout(P, mi.roles[:P], blocked, rule_layers, record=record)

@@ -68,7 +68,6 @@ def test_bench_fused_prefix_gives_the_default_tokens(tmp_path, default_report):
         pytest.skip("this torch has no fused CPU kernel")
     r = _bench(tmp_path / "bench.json", "--prefix-path", "fused", methods=("engine", "floor"))
     assert r["prefix_path"] == "fused"
-    assert attention.PREFIX_PATH == "auto"  # restored after the run
     assert r["samples"][0]["tokens"] == default_report["samples"][0]["tokens"]
 
 
@@ -134,7 +133,7 @@ def test_bench_needs_the_engine(tmp_path):
 
 
 def test_memory_child_runs_as_a_module_with_the_prefix_setting():
-    """measure_memory's child is `python -m avprobe.bench.engine --child ...` (works installed)."""
+    """measure_memory's child is `python -m avprobe.bench.cli --child ...` (works installed)."""
     args = argparse.Namespace(device="cpu", dtype="float32", threads=1, window=None, prefix_path="fused")
     res = measure_memory(args, "engine", "tiny", 2, 2)
     assert res["method"] == "engine" and res["conditions"] == 2

@@ -123,7 +123,7 @@ def test_branched_decoding_matches_fresh_generate(family):
     for out in res.outputs:
         blocked, rule_layers = reference_masks(out.condition, L)
         session = attn.ReferenceKnockout(mi.prompt_len, mi.roles, blocked, rule_layers)
-        with attn.using(session), torch.no_grad():
+        with attn.installed(adapter.model), attn.using(session), torch.no_grad():
             gen = adapter.model.generate(**mi.inputs, max_new_tokens=8, do_sample=False)
         ids = gen[0, mi.prompt_len :].tolist()
         n = len(out.token_ids)
@@ -201,7 +201,7 @@ def test_rejects_out_of_range_layers():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_prefix_attention_equals_dense_path(dtype, monkeypatch):
+def test_fused_prefix_attention_equals_dense_path(dtype):
     """The CPU fused kernel per role segment, merged by log-sum-exp, is the dense softmax."""
     assert attn._fused_cpu_available(), "this torch has no fused CPU kernel: the comparison would be vacuous"
     adapter = tiny_adapter("qwen2_5_omni", n_layers=4, seed=4)
@@ -210,11 +210,9 @@ def test_fused_prefix_attention_equals_dense_path(dtype, monkeypatch):
     rule = SpanRule("any-a", token_ids=frozenset({int(t) for t in mi.input_ids[0, :4]}))
     conds = [Baseline(), Knockout((Role.VIDEO,), (1, 2)), Knockout((Role.AUDIO, rule), (0, 3)),
              Knockout((Role.QUERY,), (0, 1, 2, 3))]
-    cfg = EngineConfig(max_new_tokens=6)
     results = {}
     for path in ("fused", "dense"):
-        monkeypatch.setattr(attn, "PREFIX_PATH", path)
-        results[path] = run(adapter, mi, conds, cfg)
+        results[path] = run(adapter, mi, conds, EngineConfig(max_new_tokens=6, prefix_path=path))
         assert results[path].prefix_path == path
     tol = 1e-4 if dtype == torch.float32 else 1e-9
     for a, b in zip(results["fused"].outputs, results["dense"].outputs, strict=True):
@@ -223,16 +221,30 @@ def test_fused_prefix_attention_equals_dense_path(dtype, monkeypatch):
     np.testing.assert_allclose(results["fused"].bucket_flow, results["dense"].bucket_flow, atol=tol)
 
 
-def test_auto_prefix_path_is_dense_for_few_scores_and_fused_for_many(monkeypatch):
+def test_auto_prefix_path_is_dense_for_few_scores_and_fused_for_many():
     cpu = torch.device("cpu")
-    monkeypatch.setattr(attn, "PREFIX_PATH", "auto")
     assert attn.choose_prefix_path(cpu, attn.DENSE_MAX_SCORES) == "dense"
     assert attn.choose_prefix_path(cpu, attn.DENSE_MAX_SCORES + 1) == (
         "fused" if attn._fused_cpu_available() else "dense")
     assert attn.choose_prefix_path(torch.device("meta"), 10**9) == "dense"  # not a CPU: products
-    monkeypatch.setattr(attn, "PREFIX_PATH", "fast")
-    with pytest.raises(ValueError, match="PREFIX_PATH must be"):
-        attn.choose_prefix_path(cpu, 1)
+    with pytest.raises(ValueError, match="prefix_path must be"):
+        attn.choose_prefix_path(cpu, 1, "fast")
+    with pytest.raises(ValueError, match="prefix_path must be"):
+        EngineConfig(prefix_path="fast")
+
+
+def test_run_restores_the_models_attention_implementation():
+    adapter, mi = _adapter("qwen2_5_omni"), _inputs("qwen2_5_omni")
+    text_cfg = adapter.model.config.get_text_config()
+    adapter.model.set_attn_implementation({"text_config": "eager"})
+    run(adapter, mi, [Baseline()], EngineConfig(max_new_tokens=2))
+    assert text_cfg._attn_implementation == "eager"
+    with attn.installed(adapter.model):
+        assert text_cfg._attn_implementation == attn.ATTN_NAME
+        run(adapter, mi, [Baseline()], EngineConfig(max_new_tokens=2))  # nested: still installed after
+        assert text_cfg._attn_implementation == attn.ATTN_NAME
+    assert text_cfg._attn_implementation == "eager"
+    adapter.model.set_attn_implementation({"text_config": "sdpa"})
 
 
 def test_prefix_memory_is_independent_of_condition_count():

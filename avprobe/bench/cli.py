@@ -67,7 +67,7 @@ def register(subparsers) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.child:  # the memory child runs `python -m avprobe.bench.engine`; this gives the same answer
+    if args.child:  # the memory child (`python -m avprobe.bench.cli --child ...`): one JSON line
         from avprobe.bench.engine import run_child
 
         print(json.dumps(run_child(args)))
@@ -149,3 +149,18 @@ def render(report: dict[str, Any]) -> None:
 
 def _mb(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0f}"
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    """The memory child's entry (see avprobe.bench.engine.measure_memory): one method, its
+    peak memory as one JSON line on stdout, which is what the parent reads."""
+    args = build_parser().parse_args(argv)
+    if not args.child:
+        raise SystemExit("python -m avprobe.bench.cli is the memory child; run `avprobe bench` instead")
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(child_main())

@@ -14,12 +14,12 @@ fails. The report keeps the engine's tokens per condition.
 
 Timing: all methods run in one process, in rounds (fast methods every round, slow ones in
 the first `--slow-repeats`), medians reported. Memory (`--memory`): on the CPU each method
-runs once in a child process of its own (`python -m avprobe.bench.engine --child METHOD
+runs once in a child process of its own (`python -m avprobe.bench.cli --child METHOD
 ...`) and reports its peak RSS above the loaded model and inputs (avprobe.memory.PeakRSS
 resets the kernel's high-water mark first); on a GPU each method's first timed run records
 `torch.cuda.max_memory_allocated` above the model, in-process (the caching allocator's
 figure needs no child). `--prefix-path fused|dense` forces how the engine attends to the
-prompt prefix (`avprobe.probes.attention.PREFIX_PATH`; default auto: the fused CPU kernel
+prompt prefix (`EngineConfig.prefix_path`; default auto: the fused CPU kernel
 per role segment on long prompts, dense products otherwise and on GPUs), in the children
 too, so that the paths can be compared; the report records the path the engine took as
 `prefix_path`.
@@ -58,7 +58,6 @@ from avprobe.bench import FAST, METHODS, SHAPES, Shape, naive
 from avprobe.conditions import Baseline, Condition, Knockout, sweep
 from avprobe.engine import EngineConfig, RunResult, run
 from avprobe.memory import PeakRSS
-from avprobe.probes import attention
 from avprobe.probes.logit_lens import LensConfig
 from avprobe.types import Role
 
@@ -163,10 +162,10 @@ def sweep_conditions(n_layers: int, window: int, count: int | None = None) -> li
     return out[:n]
 
 
-def engine_config(max_new_tokens: int, record: bool = True, topk: int = 0) -> EngineConfig:
+def engine_config(max_new_tokens: int, record: bool = True, topk: int = 0, prefix_path: str = "auto") -> EngineConfig:
     return EngineConfig(
         max_new_tokens=max_new_tokens, record_attention=record, record_buckets=record,
-        lens=LensConfig() if record else None, suppress_eos=True, keep_topk=topk,
+        lens=LensConfig() if record else None, suppress_eos=True, keep_topk=topk, prefix_path=prefix_path,
     )
 
 
@@ -178,26 +177,15 @@ TIE_RTOL = {"float64": 0.0, "float32": 0.0, "bfloat16": 0.15, "float16": 0.05}
 TOPK = 5  # the engine's best logits kept per step for the check, when TIE_RTOL allows ties
 
 
-@contextmanager
-def prefix_path(path: str) -> Iterator[None]:
-    """Set attention.PREFIX_PATH for the run ("auto", "fused" or "dense"); the previous
-    setting is restored after, so an in-process run (a test) leaves the module as it was."""
-    saved = attention.PREFIX_PATH
-    attention.PREFIX_PATH = path
-    try:
-        yield
-    finally:
-        attention.PREFIX_PATH = saved
-
-
 def method_fn(name: str, adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition], T: int,
-              first_token: bool = True, topk: int = 0) -> Callable[[], Any]:
+              first_token: bool = True, topk: int = 0, prefix_path: str = "auto") -> Callable[[], Any]:
     """A zero-argument callable that runs the whole sweep with method `name` (the engine
-    keeps its `topk` best logits per step for the token check)."""
+    keeps its `topk` best logits per step for the token check; engine and floor attend to
+    the prefix as `prefix_path` says)."""
     if name == "engine":
-        return lambda: run(adapter, mi, conds, engine_config(T, topk=topk))
+        return lambda: run(adapter, mi, conds, engine_config(T, topk=topk, prefix_path=prefix_path))
     if name == "floor":
-        return lambda: naive.floor_decode(adapter, mi, conds, T)
+        return lambda: naive.floor_decode(adapter, mi, conds, T, prefix_path=prefix_path)
     if name == "careful":
         return lambda: naive.careful_sweep(adapter, mi, conds, T)
     if name == "naive":
@@ -238,13 +226,13 @@ def cuda_peak(enabled: bool = True) -> Iterator[dict[str, float]]:
 
 def time_methods(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition], T: int, methods: list[str],
                  repeats: int, slow_repeats: int, device: str,
-                 tie_rtol: float = 0.0) -> tuple[dict[str, Any], list[list[int]]]:
+                 tie_rtol: float = 0.0, prefix_path: str = "auto") -> tuple[dict[str, Any], list[list[int]]]:
     """Run every method in rounds; check its tokens against the engine's (`check_tokens`;
     each method's entry has the check's summary); median times. On a GPU each method's
     first run also records its peak allocated memory above the model. Returns (timing, the
     engine's tokens)."""
     topk = TOPK if tie_rtol > 0 else 0
-    fns = {m: method_fn(m, adapter, mi, conds, T, topk=topk) for m in methods}
+    fns = {m: method_fn(m, adapter, mi, conds, T, topk=topk, prefix_path=prefix_path) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     per_cond: dict[str, list[float]] = {}
     gpu_mb: dict[str, float] = {}  # each method's first run: peak GPU memory above the model
@@ -252,7 +240,7 @@ def time_methods(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition],
     checks: dict[str, dict[str, Any]] = {}
     cuda = device.startswith("cuda")
     # warm-up: one short engine run (first calls allocate and register)
-    run(adapter, mi, conds[:2], engine_config(2))
+    run(adapter, mi, conds[:2], engine_config(2, prefix_path=prefix_path))
     for r in range(max(repeats, slow_repeats)):
         for m in methods:
             if m in FAST and r >= repeats or m not in FAST and r >= slow_repeats:
@@ -271,7 +259,7 @@ def time_methods(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition],
                 ref = res
             if m not in checks:
                 if ref is None:
-                    ref = run(adapter, mi, conds, engine_config(T, record=False, topk=topk))
+                    ref = run(adapter, mi, conds, engine_config(T, record=False, topk=topk, prefix_path=prefix_path))
                 try:
                     checks[m] = check_tokens(m, tokens_of(res), ref, conds, tie_rtol)
                     checks[m].update(check_flow(m, res, ref, conds, exact=tie_rtol == 0))
@@ -376,7 +364,7 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
     mi = build_inputs(adapter, shape, 0)
     conds = sweep_conditions(adapter.n_layers, args.window or max(1, adapter.n_layers // 4), args.conditions)
     T = args.new_tokens or shape.new_tokens
-    fn = method_fn(args.child, adapter, mi, conds, T)
+    fn = method_fn(args.child, adapter, mi, conds, T, prefix_path=args.prefix_path)
     with cuda_peak(args.device.startswith("cuda")) as gpu, PeakRSS() as rss:
         t0 = time.perf_counter()
         res = fn()
@@ -399,15 +387,15 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
     """child_memory under the run's settings (threads, prefix path, no autograd)."""
     torch.set_num_threads(args.threads)
-    with prefix_path(args.prefix_path), torch.no_grad():
+    with torch.no_grad():
         return child_memory(args)
 
 
 def measure_memory(args: argparse.Namespace, method: str, shape: str, conditions: int | None,
                    new_tokens: int | None = None) -> dict[str, Any]:
-    """Run `method` once in a child process (`python -m avprobe.bench.engine --child ...`)
+    """Run `method` once in a child process (`python -m avprobe.bench.cli --child ...`)
     and return its peak memory report."""
-    cmd = [sys.executable, "-m", "avprobe.bench.engine", "--child", method, "--shape", shape,
+    cmd = [sys.executable, "-m", "avprobe.bench.cli", "--child", method, "--shape", shape,
            "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
     if conditions is not None:
         cmd += ["--conditions", str(conditions)]
@@ -435,8 +423,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     (`failures(report)`): the caller writes the report, then fails."""
     if "engine" not in args.methods:
         raise ValueError("the ratios and the token check are against the engine: --methods must include engine")
-    with prefix_path(args.prefix_path):
-        return _benchmark(args)
+    return _benchmark(args)
 
 
 def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -465,7 +452,7 @@ def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
             first_inputs = mi
         log.info("sample %d: %d prompt tokens, %d conditions, %d new tokens", s, mi.prompt_len, len(conds), T)
         timing, tokens = time_methods(adapter, mi, conds, T, methods, args.repeats, args.slow_repeats, args.device,
-                                      tie_rtol)
+                                      tie_rtol, prefix_path=args.prefix_path)
         e = timing["engine"]["seconds"]
         ratios = {f"{m}/engine": timing[m]["seconds"] / e for m in methods if m != "engine"}
         if "floor" in timing:
@@ -523,19 +510,3 @@ def cuda_engine_memory(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condi
     return {"method": "engine", "conditions": len(conds), "prompt_len": mi.prompt_len,
             "seconds": time.perf_counter() - t0, "peak_rss_mb": None, "peak_above_model_mb": None, "rss_how": "",
             "cuda_peak_above_model_mb": gpu["above_mb"], "kv_bytes": res.memory}
-
-
-def child_main(argv: list[str] | None = None) -> int:
-    """The memory child's entry (see measure_memory): one method, its peak memory as one
-    JSON line on stdout, which is what the parent reads."""
-    from avprobe.bench.cli import build_parser
-
-    args = build_parser().parse_args(argv)
-    if not args.child:
-        raise SystemExit("python -m avprobe.bench.engine is the memory child; run `avprobe bench` instead")
-    sys.stdout.write(json.dumps(run_child(args)) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(child_main())

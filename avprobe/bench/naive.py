@@ -22,10 +22,12 @@ Every method decodes exactly `max_new_tokens` tokens (EOS suppressed, as HF's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,14 +152,27 @@ def paper_knockout_hooks(
 
 @contextmanager
 def eager_model(adapter: ModelAdapter) -> Iterator[None]:
-    """The whole model on eager attention (as the paper loaded it); sdpa towers and
-    avprobe's text attention afterwards."""
+    """The whole model on eager attention (as the paper loaded it); sdpa towers and the
+    text model's previous implementation afterwards."""
+    previous = getattr(adapter.model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
     adapter.model.set_attn_implementation("eager")
     try:
         yield
     finally:
         adapter.model.set_attn_implementation("sdpa")
-        attn.install(adapter.model)
+        if previous != "sdpa":
+            adapter.model.set_attn_implementation({"text_config": previous})
+
+
+def _avprobe_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn(adapter, ...)` with avprobe's attention installed, the model's own restored after."""
+
+    @functools.wraps(fn)
+    def wrapper(adapter: ModelAdapter, *args: Any, **kwargs: Any) -> Any:
+        with attn.installed(adapter.model):
+            return fn(adapter, *args, **kwargs)
+
+    return wrapper
 
 
 @torch.no_grad()
@@ -193,6 +208,7 @@ def naive_sweep(
 
 
 @torch.no_grad()
+@_avprobe_attention
 def careful_sweep(
     adapter: ModelAdapter,
     mi: ModelInputs,
@@ -201,7 +217,6 @@ def careful_sweep(
     lens: LensConfig | None = LensConfig(),
 ) -> SweepResult:
     """sdpa, one generate() per condition, the knockout applied inside the attention."""
-    attn.install(adapter.model)
     P, L = mi.prompt_len, adapter.n_layers
     tokens: list[list[int]] = []
     seconds: list[float] = []
@@ -229,8 +244,10 @@ class _FloorDecode:
     attention call of all rows over the prompt's keys (additive knockout mask only where a
     layer has one), the rows' own suffixes, and an exact log-sum-exp merge of the two."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], masks, n_rows: int, steps: int):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], masks, n_rows: int, steps: int,
+                 fused: bool = True):
         self.k, self.v = keys, values
+        self.fused = fused
         self.prefix_block = masks.prefix_block
         self.B, self.S = n_rows, steps
         self.t = 0
@@ -258,7 +275,7 @@ class _FloorDecode:
         self.ks[layer][:, :, t] = k[:, :, 0]
         self.vs[layer][:, :, t] = v[:, :, 0]
         qh = q.reshape(B, kvh, g, d).transpose(0, 1).reshape(1, kvh, B * g, d)
-        o_pre, lse_pre = attn.block_attention(qh, self.k[layer], self.v[layer], scale, self.add[layer])
+        o_pre, lse_pre = attn.block_attention(qh, self.k[layer], self.v[layer], scale, self.add[layer], fused=self.fused)
         s = torch.matmul(q.reshape(B, kvh, g, d), self.ks[layer][:, :, : t + 1].transpose(-1, -2)).float() * scale
         lse_suf = torch.logsumexp(s, -1)  # [B, kvh, g]
         lse_pre = lse_pre.float().view(kvh, B, g).transpose(0, 1)
@@ -269,15 +286,17 @@ class _FloorDecode:
 
 
 @torch.no_grad()
+@_avprobe_attention
 def floor_decode(
-    adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], max_new_tokens: int
+    adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], max_new_tokens: int,
+    prefix_path: str = "auto",
 ) -> SweepResult:
-    """One prefill (HF cache) and one batched decode of all conditions; nothing recorded."""
+    """One prefill (HF cache) and one batched decode of all conditions; nothing recorded.
+    `prefix_path` "dense" turns its fused CPU call off (as the engine's)."""
     from transformers import DynamicCache
 
     for c in conditions:
         _role_blocks(c)
-    attn.install(adapter.model)
     model, dev = adapter.model, adapter.device
     P, B = mi.prompt_len, len(conditions)
     cache = DynamicCache(config=adapter.text_config)
@@ -285,7 +304,7 @@ def floor_decode(
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     masks = build_masks(conditions, mi.roles[:P], adapter.n_layers)
-    session = _FloorDecode(keys, values, masks, B, max_new_tokens)
+    session = _FloorDecode(keys, values, masks, B, max_new_tokens, fused=attn.check_prefix_path(prefix_path) != "dense")
     eos = torch.tensor(sorted(adapter.eos_ids), dtype=torch.long, device=dev)
     last_pos = mi.positions[:, 0, P - 1].to(dev)
     tok = torch.full((B,), int(mi.input_ids[0, P - 1]), dtype=torch.long, device=dev)

@@ -51,8 +51,9 @@ def avprobe_attention(module, query, key, value, attention_mask, scaling=None, d
     return session.attend(module, query, key, value, attention_mask, scale, kwargs), None
 
 
-def install(model: torch.nn.Module) -> None:
-    """Register the function once and use it for the text model of `model` only."""
+def install(model: torch.nn.Module) -> str | None:
+    """Register the function once and use it for the text model of `model` only; returns the
+    implementation it replaced (None if it was already installed). Prefer `installed`."""
     global _REGISTERED
     if not _REGISTERED:
         from transformers import AttentionInterface
@@ -63,8 +64,23 @@ def install(model: torch.nn.Module) -> None:
         AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
         _REGISTERED = True
     text_cfg = model.config.get_text_config()
-    if getattr(text_cfg, "_attn_implementation", None) != ATTN_NAME:
-        model.set_attn_implementation({"text_config": ATTN_NAME})
+    previous = getattr(text_cfg, "_attn_implementation", None)
+    if previous == ATTN_NAME:
+        return None
+    model.set_attn_implementation({"text_config": ATTN_NAME})
+    return previous or "sdpa"
+
+
+@contextmanager
+def installed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`install` for the block, then the model's own attention implementation again: a run
+    leaves the model as it found it (nested blocks restore once, at the outermost)."""
+    previous = install(model)
+    try:
+        yield model
+    finally:
+        if previous is not None:
+            model.set_attn_implementation({"text_config": previous})
 
 
 @contextmanager
@@ -106,23 +122,30 @@ def _fused_cpu_available() -> bool:
 # conditions over 130 tokens, 0.56 s dense against 0.65 s fused per sweep) and wins on long
 # ones (cpu shape: 25 conditions over 2,224 tokens, 5.5 s against 9.5 s); the crossover
 # measured between 1.4e5 and 6e5 scores. "dense" also turns the floor's fused call off.
-PREFIX_PATH = "auto"
+# The setting is configuration (`EngineConfig.prefix_path`), passed to each session.
+PREFIX_PATHS = ("auto", "fused", "dense")
 DENSE_MAX_SCORES = 1 << 18
 
 
-def choose_prefix_path(device: torch.device, n_scores: int) -> str:
-    """'fused' or 'dense' for one decode session (see PREFIX_PATH)."""
-    if PREFIX_PATH not in ("auto", "fused", "dense"):
-        raise ValueError(f"PREFIX_PATH must be 'auto', 'fused' or 'dense', not {PREFIX_PATH!r}")
-    if PREFIX_PATH == "dense" or device.type != "cpu" or not _fused_cpu_available():
+def check_prefix_path(setting: str) -> str:
+    if setting not in PREFIX_PATHS:
+        raise ValueError(f"prefix_path must be 'auto', 'fused' or 'dense', not {setting!r}")
+    return setting
+
+
+def choose_prefix_path(device: torch.device, n_scores: int, setting: str = "auto") -> str:
+    """'fused' or 'dense' for one decode session under `setting` (see PREFIX_PATHS)."""
+    check_prefix_path(setting)
+    if setting == "dense" or device.type != "cpu" or not _fused_cpu_available():
         return "dense"
-    if PREFIX_PATH == "fused":
+    if setting == "fused":
         return "fused"
     return "fused" if n_scores > DENSE_MAX_SCORES else "dense"
 
 
 def block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [1, kvh, M, d] over one block of keys k/v [1, kvh, N, d], returning the
     output [1, kvh, M, d] and the log-sum-exp of the scaled scores [1, kvh, M] (float32, or
@@ -131,9 +154,9 @@ def block_attention(
     `mask`: additive [1, 1, M, N] in q's dtype, or None. Rows whose keys are all masked have
     an undefined lse here; the caller marks them dead. On CPU this is one fused kernel that
     never materialises the [M, N] scores (the shared prompt prefix is the long axis); other
-    devices use matrix products.
+    devices (and fused=False) use matrix products.
     """
-    if PREFIX_PATH != "dense" and q.device.type == "cpu" and _fused_cpu_available():
+    if fused and q.device.type == "cpu" and _fused_cpu_available():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
         return out, lse
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -159,7 +182,7 @@ class SharedPrefixDecode:
     (attention does not depend on key order); the segments are views of one tensor per
     layer. The prefix part of a step takes one of two paths, with the same result:
 
-    - fused (CPU, long prompts; see PREFIX_PATH): every segment is one fused attention call for all rows,
+    - fused (CPU, long prompts; see PREFIX_PATHS): every segment is one fused attention call for all rows,
       returning its output and log-sum-exp; a knocked-out role is a segment whose
       log-sum-exp is set to -inf for the blocked rows, so no mask touches the long prefix
       axis. The kernel never materialises the [rows, P] scores.
@@ -188,8 +211,10 @@ class SharedPrefixDecode:
         record: bool = True,
         buckets: torch.Tensor | None = None,
         bucket_row: int = 0,
+        prefix_path: str = "auto",
     ) -> None:
         self.B, self.S = n_rows, max_steps + 1
+        self.prefix_path = check_prefix_path(prefix_path)
         self.suffix0_block, self.rule_rows = suffix0_block, rule_rows
         n_layers = len(prefix_block)
         dev = next(iter(prefix_k.values())).device
@@ -321,7 +346,7 @@ class SharedPrefixDecode:
         t = self.t
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         if self.path is None:
-            self.path = choose_prefix_path(q.device, kvh * B * g * self.P)
+            self.path = choose_prefix_path(q.device, kvh * B * g * self.P, self.prefix_path)
         if layer not in self.ks:
             self.ks[layer] = k.new_zeros(B, kvh, self.S, d)
             self.vs[layer] = v.new_zeros(B, kvh, self.S, d)

@@ -1,18 +1,23 @@
-"""Claim machinery used by `claims/`: the claims table, outcomes, and the evidence loader.
+"""Claim machinery used by `claims/`: the claims table, the `claim` object a claim test
+checks its results with, and the outcomes the report reads.
 
-Kept out of the pytest plugin so that the CLI, the report and the tests can use it too.
+Kept out of the pytest plugin (it imports no pytest) so that the CLI, the report, the
+calibration and the tests can use it too: the plugin injects how a skip is raised.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from avprobe.paper import band_fractions
 from avprobe.stats import TestResult
 
 log = logging.getLogger(__name__)
@@ -93,3 +98,133 @@ def _f(x: Any) -> float:
         return float(x)
     except (TypeError, ValueError):
         return float("nan")
+
+
+class ClaimSkipped(Exception):
+    """Raised by `ClaimCheck.skip` when no skip handler is injected (outside pytest)."""
+
+
+def _raise_skip(reason: str) -> None:
+    raise ClaimSkipped(reason)
+
+
+class ClaimCheck:
+    """The `claim` fixture: its row of claims.toml plus `band` / `check` / `skip`.
+
+    `record` receives each outcome as JSON (the plugin stores it in the test's user
+    properties, where the report reads it); `on_skip` ends the test (pytest.skip under
+    the plugin; `ClaimSkipped` elsewhere, e.g. in the calibration).
+    """
+
+    def __init__(self, cfg: dict[str, Any], model: str = "", scope: str = "all samples",
+                 record: Callable[[str], None] | None = None,
+                 on_skip: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.id = cfg["id"]
+        self.model = model
+        self.scope = scope
+        self._record_fn = record
+        self._on_skip = on_skip or _raise_skip
+        self.alpha = float(cfg.get("alpha", 0.05))
+        self.n_boot = int(cfg.get("n_boot", 2000))
+        self.seed = int(cfg.get("seed", 0))
+        self.notes: list[str] = []
+        self.data: dict[str, Any] = {}
+        self.outcome: ClaimOutcome | None = None  # the last recorded one
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self.cfg[key]
+        except KeyError:
+            raise KeyError(f"claims.toml [{self.id}] has no {key!r}") from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.cfg.get(key, default)
+
+    @property
+    def stats_kw(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "n_boot": self.n_boot, "seed": self.seed}
+
+    def band(self, n_layers: int, key: str = "band") -> tuple[int, ...]:
+        """The layers of the depth band this claim names under `key` in claims.toml (a name of
+        `avprobe.paper.BANDS` or a [lo, hi) pair of depth fractions), on a model of n_layers."""
+        from avprobe.conditions import band
+
+        try:
+            spec = self.cfg[key]
+        except KeyError:
+            raise KeyError(f"claims.toml [{self.id}] names no depth band {key!r}") from None
+        return band(*band_fractions(spec), n_layers)
+
+    def bands(self, n_layers: int, key: str = "bands") -> dict[str, tuple[int, ...]]:
+        """The layers of each band of a table of named bands in claims.toml (label -> band)."""
+        from avprobe.conditions import band
+
+        return {label: band(*band_fractions(spec), n_layers) for label, spec in self[key].items()}
+
+    def _outcome(self, status: str, **kw: Any) -> ClaimOutcome:
+        return ClaimOutcome(
+            claim_id=self.id,
+            model=self.model,
+            scope=self.scope,
+            status=status,
+            statement=self.cfg.get("statement", ""),
+            figure=self.cfg.get("figure", ""),
+            paper_value=self.cfg.get("paper_value", ""),
+            notes=list(self.notes),
+            data=dict(self.data),
+            **kw,
+        )
+
+    def _record(self, outcome: ClaimOutcome) -> None:
+        self.outcome = outcome
+        if self._record_fn is not None:
+            self._record_fn(outcome.to_json())
+
+    def skip(self, reason: str) -> None:
+        """Skip with the reason, recorded in the report (a claim that cannot run never passes)."""
+        self._record(self._outcome("skipped", skip_reason=reason))
+        self._on_skip(reason)
+
+    def verdict(self, results: dict[str, TestResult] | TestResult, require: str = "all") -> ClaimOutcome:
+        """Record the verdict of `results` (sub-test name -> result) without asserting;
+        `require` is "all" (every sub-test must pass) or "any"."""
+        if isinstance(results, TestResult):
+            results = {self.id: results}
+        if require not in ("all", "any"):
+            raise ValueError(f"require must be 'all' or 'any', got {require!r}")
+        if not results:
+            raise ValueError(f"claim {self.id}: no results to check")
+        parts = [part(name, r) for name, r in results.items()]
+        flags = [bool(r.passed) for r in results.values()]
+        passed = all(flags) if require == "all" else any(flags)
+        main = next(iter(results.values()))
+        summary = " | ".join(f"{name}: {r.summary()}" for name, r in results.items())
+        if self.notes:
+            summary += " | " + "; ".join(self.notes)
+        outcome = self._outcome(
+            "passed" if passed else "failed",
+            summary=summary,
+            estimate=_num(main.estimate),
+            ci=(_num(main.ci_low), _num(main.ci_high)),
+            p_value=_num(main.p_value),
+            effect=f"{main.effect_name}={main.effect_size:.3g}" if main.effect_name and not math.isnan(main.effect_size) else "",
+            n=int(main.n),
+            parts=parts,
+        )
+        self._record(outcome)
+        return outcome
+
+    def check(self, results: dict[str, TestResult] | TestResult, require: str = "all") -> None:
+        """Record the verdict and assert it, with the statistical summary as the message."""
+        outcome = self.verdict(results, require)
+        assert outcome.status == "passed", (
+            f"claim {self.id} not supported on {self.model} [{self.scope}]: {outcome.summary}")
+
+
+def _num(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f

@@ -14,8 +14,8 @@ import sys
 
 # subcommand -> module defining register(subparsers)
 _AREAS = {
-    "collect": "avprobe.collect_cli",
-    "organism": "avprobe.organism.cli",
+    "collect": "avprobe.pipeline.cli",
+    "organism": "avprobe.lab.cli",
     "dataset": "avprobe.media.cli",
     "judge": "avprobe.judge.cli",
     "report": "avprobe.report.cli",

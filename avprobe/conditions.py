@@ -62,7 +62,6 @@ class Knockout:
 
     blocked: tuple[Blocked, ...]
     layers: tuple[int, ...]
-    source: str = "generated"
 
     def __post_init__(self) -> None:
         blocked = self.blocked if isinstance(self.blocked, tuple) else (self.blocked,)
@@ -72,8 +71,6 @@ class Knockout:
                 raise ValueError("block generated positions with a SpanRule, not the generated role")
         object.__setattr__(self, "blocked", blocked)
         object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in self.layers))))
-        if self.source != "generated":
-            raise ValueError(f"only source='generated' is supported, got {self.source!r}")
 
     @property
     def roles(self) -> tuple[Role, ...]:

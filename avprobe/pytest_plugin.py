@@ -4,9 +4,11 @@
     pytest claims/ --model organism --model organism-control --report reports/claims.html
 
 Claim tests ask for `evidence` (one model's results; parametrised over --model, and over
-the model's queries where the test asks for `query`) and for `claim` (its row of
+the model's queries where the test asks for `query`), for `evidence_of` (the results of any
+--model, for claims across models, with `model_pair`) and for `claim` (its row of
 claims/claims.toml; `claim.check(...)` records the outcome and asserts with the statistical
-summary). Imports nothing heavy at load time.
+summary). The results come from `avprobe.pipeline.gather`, the orchestration that
+`avprobe collect` runs too. Imports nothing heavy at load time.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "claim(id): a test of one claim of claims/claims.toml (carries the citation)")
+    limit = config.getoption("limit", None)
+    if limit is not None and limit < 1:
+        raise pytest.UsageError(f"--limit must be a positive number of samples, got {limit}")
     config._avprobe = Session(config)  # type: ignore[attr-defined]
 
 
@@ -100,8 +105,14 @@ def evidence(request: pytest.FixtureRequest, model_name: str):
 
 
 @pytest.fixture
+def evidence_of(request: pytest.FixtureRequest):
+    """`evidence_of(model)`: the results of any --model (claims that compare models)."""
+    return _session(request.config).evidence
+
+
+@pytest.fixture
 def claim(request: pytest.FixtureRequest):
-    from avprobe.claim import claims_table
+    from avprobe.claim import PROPERTY, ClaimCheck, claims_table
 
     marker = request.node.get_closest_marker("claim")
     if marker is None:
@@ -114,9 +125,9 @@ def claim(request: pytest.FixtureRequest):
     model = params.get("model_name", "")
     scope = " ".join(str(params[k]) if k != "query" else _qid(params[k])
                      for k in ("query", "scope") if k in params) or "all samples"
-    from avprobe.claimcheck import ClaimCheck
-
-    return ClaimCheck(table[cid], model=model, scope=scope, node=request.node, session=_session(request.config))
+    node = request.node
+    return ClaimCheck(table[cid], model=model, scope=scope,
+                      record=lambda value: node.user_properties.append((PROPERTY, value)), on_skip=pytest.skip)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -176,6 +187,7 @@ class Session:
         root = Path(str(config.rootpath))
         self.store_root = Path(self.opt("store") or root / "fixtures")
         self._evidence: dict[str, Any] = {}
+        self._samples: tuple[list[Any], list[Any]] | None = None
         self._refs: dict[str, Any] = {}
         self._expected: dict[str, dict[str, str]] = {}
 
@@ -190,33 +202,63 @@ class Session:
         return self._refs[model]
 
     def queries(self, model: str) -> list[str]:
-        from avprobe.collect import DEFAULT_QUERY
+        from avprobe.records import DEFAULT_QUERY
 
         try:
             return list(self.ref(model).settings.queries or (DEFAULT_QUERY,))
         except Exception:  # noqa: BLE001 - reported when the evidence fixture loads
             return [DEFAULT_QUERY]
 
-    def samples(self):
-        from avprobe.claimcheck import limit_balanced
+    def samples(self) -> tuple[list[Any], list[Any]]:
+        """(samples, bad manifest rows), as `avprobe collect --samples` reads them."""
+        if self._samples is None:
+            from avprobe.pipeline.gather import load_samples
 
-        path = self.opt("samples")
-        if path:
-            from avprobe.media.manifest import load_manifest
-
-            samples = load_manifest(path)
-        else:
-            from avprobe.organism.dataset import eval_samples
-
-            samples = eval_samples()
-        return limit_balanced(samples, self.opt("limit"))
+            self._samples = load_samples(self.opt("samples") or "organism", self.opt("limit"))
+        return self._samples
 
     def evidence(self, model: str):
+        """One model's Evidence, gathered once per session (store, engine on a miss, judge)."""
         if model not in self._evidence:
-            from avprobe.claimcheck import gather_evidence
-
-            self._evidence[model] = gather_evidence(self, model)
+            self._evidence[model] = self._gather(model)
         return self._evidence[model]
+
+    def _gather(self, model: str):
+        from avprobe.judge import make_judge
+        from avprobe.pipeline.evidence import evidence_from
+        from avprobe.pipeline.gather import gather
+        from avprobe.records import DEFAULT_QUERY, Protocol
+        from avprobe.store import Store
+
+        ref = self.ref(model)
+        store = Store(self.store_root, readonly=bool(self.opt("offline")))
+        protocol = Protocol(queries=ref.settings.queries or (DEFAULT_QUERY,))
+        samples, bad_rows = self.samples()
+        # The judge first: a bad spec or a missing endpoint fails before any compute. Its cache
+        # is the store, read-only too when offline (cached verdicts are still read).
+        kw: dict[str, Any] = {"cache": store}
+        if self.opt("judge_url"):
+            kw["base_url"] = self.opt("judge_url")
+        judge = make_judge(self.opt("judge") or ref.settings.judge or "openai", **kw)
+        base_model = self.opt("base_model") or ref.settings.base_model
+        cmd = f"avprobe collect --model {model} --samples {self.opt('samples') or 'organism'} --store {self.store_root}"
+        if self.opt("limit"):
+            cmd += f" --limit {self.opt('limit')}"
+        try:
+            result = gather(ref, samples, store, protocol, judge=judge, base_model=base_model,
+                            device=self.opt("device") or "cpu", dtype=self.opt("dtype") or "auto",
+                            allow_download=bool(self.opt("allow_download")), refresh=bool(self.opt("refresh")),
+                            keep=True, manifest_errors=bad_rows, label=f"{model}: collecting",
+                            collect_command=cmd)
+        finally:
+            close = getattr(judge, "close", None)
+            if close is not None:
+                close()
+        log.info("%s: %s", model, result.counts.describe())
+        if not result.records:
+            raise RuntimeError(f"{model}: no results ({result.counts.failed} samples failed; first: "
+                               f"{result.failed[0].reason if result.failed else 'none'})")
+        return evidence_from(model, result, base_model)
 
     def collected_outcomes(self, terminalreporter: Any) -> list[Any]:
         from avprobe.claim import PROPERTY, ClaimOutcome
@@ -233,8 +275,9 @@ class Session:
         return out
 
     def _verdict_file(self, model: str) -> Path:
-        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model).strip("_")
-        return Path(self.opt("verdicts")) / f"{slug}.json"
+        from avprobe.records import slug
+
+        return Path(self.opt("verdicts")) / f"{slug(model)}.json"
 
     def expected_verdict(self, outcome: Any) -> str | None:
         import json

@@ -79,7 +79,7 @@ class TestResult:
             alt = f"equivalence within ±{_fmt(self.threshold)}"
         s = f"{self.estimate_name} {_fmt(self.estimate)} [{_fmt(self.ci_low)}, {_fmt(self.ci_high)}] {self.confidence:.0%} CI"
         if not math.isnan(self.p_value):
-            s += f", p={_fmt_p(self.p_value)}"
+            s += f", p={format_p(self.p_value)}"
         s += f" ({self.name}, {alt}), n={d.get('n_text', self.n)}"
         if d.get("n_nan"):
             s += f" ({d['n_nan']} unscored NaN excluded)"
@@ -107,7 +107,7 @@ class TestResult:
                 if d.get(key) is not None:
                     crit.append(f"relative threshold {_pct(d[key], sign=key == 'threshold_relative')}")
             if "p_holm" in d:
-                crit.append(f"Holm p={_fmt_p(d['p_holm'])}")
+                crit.append(f"Holm p={format_p(d['p_holm'])}")
             s += f"; {', '.join(crit) or 'alpha ' + _fmt(d.get('alpha', 0.05))}: {'PASS' if self.passed else 'FAIL'}"
         return s
 
@@ -175,7 +175,16 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def _fmt_p(p: float) -> str:
+def nanmean(x: Any) -> float:
+    """Mean over the finite values; NaN (not a warning) when there are none."""
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
+
+
+def format_p(p: float | None) -> str:
+    """A p-value for people: two significant digits, "—" when there is none."""
+    if p is None or not math.isfinite(p):
+        return "—"
     if p >= 1e-3 or p == 0:
         return f"{p:.2g}"
     mant, exp = f"{p:.0e}".split("e")

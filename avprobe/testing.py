@@ -15,20 +15,9 @@ import numpy as np
 import torch
 
 from avprobe.adapters.base import AdapterSettings, ModelAdapter
-from avprobe.types import Media
+from avprobe.types import OMNI_SPECIAL_TOKENS, Media
 
-SPECIALS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|AUDIO|>",
-    "<|audio_bos|>",
-    "<|audio_eos|>",
-    "<|VIDEO|>",
-    "<|vision_bos|>",
-    "<|vision_eos|>",
-    "<|IMAGE|>",
-)
+SPECIALS = OMNI_SPECIAL_TOKENS
 WORDS = (
     "[UNK] system user assistant describe what you see and hear in the video i a an . , dog siren "
     "horse bird engine drill keyboard piano rain baby crowd clock"

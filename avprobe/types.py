@@ -15,6 +15,20 @@ import numpy as np
 
 SAMPLE_RATE = 16_000
 
+# The Qwen-Omni special tokens in the order the small tokenizers (organisms, tests) give them ids.
+OMNI_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",  # pad
+    "<|im_start|>",
+    "<|im_end|>",  # eos
+    "<|AUDIO|>",
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+    "<|VIDEO|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+    "<|IMAGE|>",
+)
+
 
 class Role(enum.IntEnum):
     """Role of a sequence position. Prompt positions are labelled from token ids."""

@@ -6,25 +6,23 @@ last prompt row) put on each role, averaged over heads, steps and samples; bands
 fractions of depth.
 """
 
-import numpy as np
 import pytest
 
-from avprobe.conditions import band
 from avprobe.stats import one_sample_test
 from avprobe.types import Role
 
 
-def _share(evidence, role, lo, hi):
+def _share(evidence, claim, role, key):
     recs = evidence.select(modality="audio-video")
     flow = evidence.flow(recs)  # [N, L, R]
-    layers = list(band(lo, hi, evidence.n_layers))
+    layers = list(claim.band(evidence.n_layers, key))
     return flow[:, layers, int(role)].mean(1), flow.mean(0), layers
 
 
 @pytest.mark.claim("audio_attention_early")
 def test_audio_attention_early(evidence, claim):
-    early, per_layer, early_layers = _share(evidence, Role.AUDIO, *claim["early_band"])
-    late, _, late_layers = _share(evidence, Role.AUDIO, *claim["late_band"])
+    early, per_layer, early_layers = _share(evidence, claim, Role.AUDIO, "early_band")
+    late, _, late_layers = _share(evidence, claim, Role.AUDIO, "late_band")
     claim.data = {"per_layer": per_layer.tolist(), "roles": [r.label for r in Role],
                   "early_layers": early_layers, "late_layers": late_layers}
     claim.check({
@@ -35,6 +33,6 @@ def test_audio_attention_early(evidence, claim):
 
 @pytest.mark.claim("video_attention_late")
 def test_video_attention_late(evidence, claim):
-    share, per_layer, layers = _share(evidence, Role.VIDEO, *claim["band"])
+    share, per_layer, layers = _share(evidence, claim, Role.VIDEO, "band")
     claim.data = {"per_layer": per_layer.tolist(), "roles": [r.label for r in Role], "band_layers": layers}
     claim.check(one_sample_test(share, claim["min_share"], "greater", **claim.stats_kw))

@@ -12,7 +12,8 @@ from avprobe.stats import spearman_ci
 
 
 @pytest.mark.claim("judge_validity")
-def test_judge_validity(evidence, claim, request):
+def test_judge_validity(model_name, claim, request):
+    # Rated per --model (the verdict tables are per model); the judge is --judge's, not the model's.
     path = request.config.getoption("ratings")
     if not path:
         claim.skip("no human ratings file: pass --ratings RATINGS.csv "

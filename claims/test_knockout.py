@@ -15,18 +15,16 @@ sits, and a gain is always shown beside its baseline.
 import numpy as np
 import pytest
 
-from avprobe.collect import Protocol
-from avprobe.conditions import band
 from avprobe.stats import paired_test, sweep_test, tost_paired
 
 SCOPES = ["paper-band", "sweep"]
 
 
-def _band_key(evidence, role):
-    layers = band(*Protocol().paper_band, evidence.n_layers)
+def _band_key(evidence, claim, role):
+    layers = claim.band(evidence.n_layers)
     key = evidence.find_condition((role,), layers)
     if key is None:
-        pytest.skip(f"no G-/->{role} knockout over layers {layers[0]}-{layers[-1]} in the stored results")
+        claim.skip(f"no G-/->{role} knockout over layers {layers[0]}-{layers[-1]} in the stored results")
     return key, layers
 
 
@@ -59,7 +57,7 @@ def test_knockout_factual_compensation(evidence, claim, query, scope):
     results = {}
     for role in ("video", "audio"):
         if scope == "paper-band":
-            key, _ = _band_key(evidence, role)
+            key, _ = _band_key(evidence, claim, role)
             keys = [key]
         else:
             keys = [w["key"] for w in evidence.sweep_keys(role)]
@@ -80,7 +78,7 @@ def test_knockout_late_integration(evidence, claim, query, scope):
     results = {}
     for role, modality in (("video", "video"), ("audio", "audio")):
         if scope == "paper-band":
-            key, layers = _band_key(evidence, role)
+            key, layers = _band_key(evidence, claim, role)
             base = evidence.scores(recs, "baseline", modality)
             results[f"G-/->{role} lowers {modality}"] = paired_test(
                 base, evidence.scores(recs, key, modality), "less", threshold=-claim["min_drop"], **claim.stats_kw)
@@ -99,7 +97,7 @@ def test_knockout_video_block_recovers_audio(evidence, claim, query, scope):
     claim.data["factual_audio"] = float(np.nanmean(fac))
     claim.data["counterfactual_audio"] = float(np.nanmean(base))
     if scope == "paper-band":
-        key, layers = _band_key(evidence, "video")
+        key, layers = _band_key(evidence, claim, "video")
         r = paired_test(base, evidence.scores(recs, key, "audio"), "greater",
                         threshold_relative=claim["min_relative_gain"], **claim.stats_kw)
         claim.notes.append(f"paper band = layers {layers[0]}-{layers[-1]} of {evidence.n_layers}")

@@ -11,8 +11,7 @@ samples' (mismatched) sounds.
 import numpy as np
 import pytest
 
-from avprobe.conditions import band
-from avprobe.evidence import content_words
+from avprobe.pipeline.evidence import content_words
 from avprobe.stats import paired_test
 
 
@@ -21,7 +20,7 @@ def test_latent_audio(evidence, claim, query):
     recs = evidence.select("counterfactual", query, modality="audio-video")
     if not recs or "lens_top_ids" not in recs[0].arrays:
         claim.skip("no logit-lens results at audio positions")
-    layers = band(*claim["band"], evidence.n_layers)
+    layers = claim.band(evidence.n_layers)
     truth = [content_words(r.meta["audio_captions"][0]) for r in recs]
     hits = np.array([evidence.lens_hits(r, t, layers) for r, t in zip(recs, truth)], dtype=float)
     k = int(claim["n_mismatched"])

@@ -14,8 +14,6 @@ knockout effect separates them (compare organism and organism-control).
 import numpy as np
 import pytest
 
-from avprobe.conditions import band
-from avprobe.collect import Protocol
 from avprobe.stats import holm, paired_test, tost_paired
 from avprobe.types import Role
 
@@ -26,11 +24,9 @@ def test_visual_prior_via_own_words(evidence, claim, query):
     if "see" in words and "hear" in words and words.index("hear") < words.index("see"):
         claim.skip("this query asks for the sound first: the caption's sight words come after the sound words")
     recs = evidence.select("counterfactual", query, modality="audio-video")
-    p = Protocol()
     L = evidence.n_layers
     results = {}
-    for name, layers in (("paper band", band(*p.paper_band, L)), ("early band", band(*p.early_band, L)),
-                         ("all layers", tuple(range(L)))):
+    for name, layers in claim.bands(L).items():
         alone = evidence.find_condition(("video",), layers)
         both = evidence.find_condition(("video", "own-sight-words"), layers)
         if alone is None or both is None:
@@ -47,13 +43,10 @@ def test_visual_prior_via_own_words(evidence, claim, query):
 
 
 @pytest.mark.claim("attention_is_not_use")
-def test_attention_is_not_use(model_pair, claim, request):
+def test_attention_is_not_use(model_pair, claim, evidence_of):
     if model_pair is None:
         claim.skip("needs two models, e.g. --model organism --model organism-control")
-    from avprobe.pytest_plugin import _session
-
-    s = _session(request.config)
-    a, b = (s.evidence(m) for m in model_pair)
+    a, b = (evidence_of(m) for m in model_pair)
     claim.model = f"{model_pair[0]} vs {model_pair[1]}"
     ra = {r.sample_id + r.query: r for r in a.select("counterfactual", modality="audio-video")}
     rb = {r.sample_id + r.query: r for r in b.select("counterfactual", modality="audio-video")}

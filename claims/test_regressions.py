@@ -9,14 +9,11 @@ written (and this test fails once, saying so); `--force-regen` rewrites them on 
 import numpy as np
 import pytest
 
+from avprobe.records import slug
+from avprobe.stats import nanmean
 from avprobe.types import Role
 
 TOLERANCE = {"atol": 0.02, "rtol": 0.0}
-
-
-def _nanmean(x):
-    x = np.asarray(x, dtype=float)
-    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
 
 
 def figures(evidence) -> dict[str, np.ndarray]:
@@ -26,9 +23,9 @@ def figures(evidence) -> dict[str, np.ndarray]:
         for kind in ("factual", "counterfactual"):
             recs = evidence.select(kind, q, modality="audio-video")
             for modality in ("audio", "video"):
-                out[f"{tag}.{kind}.{modality}_fidelity"] = np.array([_nanmean(evidence.scores(recs, "baseline", modality))])
+                out[f"{tag}.{kind}.{modality}_fidelity"] = np.array([nanmean(evidence.scores(recs, "baseline", modality))])
                 for role in ("video", "audio"):
-                    curve = [_nanmean(evidence.scores(recs, w["key"], modality)) for w in evidence.sweep_keys(role)]
+                    curve = [nanmean(evidence.scores(recs, w["key"], modality)) for w in evidence.sweep_keys(role)]
                     if curve:
                         out[f"{tag}.{kind}.G-/->{role}.{modality}_curve"] = np.array(curve)
     flow = evidence.flow(evidence.select(modality="audio-video")).mean(0)
@@ -46,7 +43,7 @@ def test_regression_figures(evidence, num_regression, model_name):
     lengths: dict[int, dict[str, np.ndarray]] = {}
     for k, v in data.items():
         lengths.setdefault(len(v), {})[k] = v
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+    safe = slug(model_name)
     problems = []
     for n, group in sorted(lengths.items()):
         try:

@@ -7,7 +7,7 @@ model listened, its audio fidelity would not fall when the audio no longer match
 
 import pytest
 
-from avprobe.stats import independent_test
+from avprobe.stats import independent_test, nanmean
 
 
 @pytest.mark.claim("visual_bias")
@@ -18,16 +18,10 @@ def test_visual_bias(evidence, claim, query):
         claim.skip(f"needs factual and counterfactual samples; got {len(fac)} and {len(cf)}")
     x = evidence.scores(fac, "baseline", "audio")
     y = evidence.scores(cf, "baseline", "audio")
-    claim.data = {"factual_audio": float(_nanmean(x)), "counterfactual_audio": float(_nanmean(y)),
-                  "factual_video": float(_nanmean(evidence.scores(fac, "baseline", "video"))),
-                  "counterfactual_video": float(_nanmean(evidence.scores(cf, "baseline", "video")))}
+    claim.data = {"factual_audio": float(nanmean(x)), "counterfactual_audio": float(nanmean(y)),
+                  "factual_video": float(nanmean(evidence.scores(fac, "baseline", "video"))),
+                  "counterfactual_video": float(nanmean(evidence.scores(cf, "baseline", "video")))}
     if evidence.judge_proxy:
         claim.notes.append(f"judge {evidence.judge_label} is a weaker proxy")
     r = independent_test(x, y, "greater", threshold_relative_drop=claim["min_relative_drop"], **claim.stats_kw)
     claim.check(r)
-
-
-def _nanmean(x):
-    import numpy as np
-
-    return np.nanmean(x) if np.isfinite(x).any() else float("nan")

@@ -93,7 +93,7 @@ def test_bias_claims_pass_on_organism_and_fail_on_control(pytester):
 
 def test_evidence_repr_is_short():
     """pytest prints a failing claim's arguments: the repr must not walk every record."""
-    from avprobe.evidence import Evidence
+    from avprobe.pipeline.evidence import Evidence
 
     text = repr(Evidence(model="organism", records=[object()] * 5000))
     assert len(text) < 200 and "records=5000" in text, text

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from avprobe.organism import train as organism_train
-from avprobe.organism.build import OrganismSize
+from avprobe.lab import train as organism_train
+from avprobe.lab.build import OrganismSize
 from avprobe.organism.dataset import eval_samples
-from avprobe.organism.evaluate import caption_records, figures
+from avprobe.lab.evaluate import caption_records, figures
 from avprobe.organism.world import QUERY_SEE_HEAR, caption, render
 
 MODELS = organism_train.MODELS_DIR

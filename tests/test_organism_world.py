@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from avprobe.organism import dataset, world
-from avprobe.organism.build import OrganismSize, thinker_state_from_vl, vl_state_from_thinker
+from avprobe.lab.build import OrganismSize, thinker_state_from_vl, vl_state_from_thinker
 from avprobe.organism.tokenizer import SPECIAL_TOKENS, build_tokenizer, special_token_ids
 from avprobe.types import SAMPLE_RATE
 
@@ -134,7 +134,7 @@ def test_vl_thinker_weight_mapping_roundtrips():
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from avprobe.organism.build import thinker_config, vl_config
+    from avprobe.lab.build import thinker_config, vl_config
 
     tok = build_tokenizer()
     ids = special_token_ids(tok)

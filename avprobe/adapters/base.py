@@ -12,7 +12,7 @@ only what their family does differently.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -364,18 +364,6 @@ class ModelAdapter:
             out["labels"] = torch.cat([mi.labels for mi in items], dim=0)
         return out
 
-    def with_settings(self, **changes: Any) -> ModelAdapter:
-        return type(self)(self.model, self.tokenizer, replace(self.settings, **changes), self.name, self.revision)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "family": self.family,
-            "architecture": type(self.model).__name__,
-            "revision": self.revision,
-            "n_layers": self.n_layers,
-            "settings": self.settings.__dict__,
-        }
 
 
 def extend_inputs(adapter: ModelAdapter, mi: ModelInputs, ids: list[int]) -> ModelInputs:

@@ -8,19 +8,9 @@ tokens are those Qwen2.5-Omni uses, so the adapters' prompt layout works unchang
 from __future__ import annotations
 
 from avprobe.organism.world import QUERIES, SOURCES
+from avprobe.types import OMNI_SPECIAL_TOKENS
 
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",  # pad
-    "<|im_start|>",
-    "<|im_end|>",  # eos
-    "<|AUDIO|>",
-    "<|audio_bos|>",
-    "<|audio_eos|>",
-    "<|VIDEO|>",
-    "<|vision_bos|>",
-    "<|vision_eos|>",
-    "<|IMAGE|>",
-)
+SPECIAL_TOKENS = OMNI_SPECIAL_TOKENS
 UNK = "[UNK]"
 
 # ChatML, as Qwen uses it. Content may be a string or Qwen-style parts

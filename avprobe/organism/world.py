@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from avprobe.media.sources import register_renderer
 from avprobe.types import SAMPLE_RATE, Media, Sample
 
 SOURCES: tuple[str, ...] = (
@@ -476,3 +477,6 @@ def train_seed(run_seed: int, index: int) -> int:
     if not 0 <= run_seed < 100 or not 0 <= index < _TRAIN_RUN_STRIDE:
         raise ValueError(f"training seed out of range: run_seed={run_seed} (0..99), index={index}")
     return run_seed * _TRAIN_RUN_STRIDE + index
+
+
+register_renderer(WORLD_VERSION, render)  # the world is a media source like any file manifest

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from avprobe.conditions import Baseline, Condition, Knockout, SpanRule
+from avprobe.conditions import Condition, Knockout, SpanRule
 from avprobe.types import Role
 
 
@@ -88,8 +88,4 @@ def reference_masks(condition: Condition, n_layers: int) -> tuple[list[frozenset
     return blocked, rule_layers
 
 
-def is_empty(condition: Condition) -> bool:
-    return isinstance(condition, Baseline) or not condition.layers or not condition.blocked
-
-
-__all__ = ["RowMasks", "RuleTracker", "build_masks", "is_empty", "reference_masks", "Role"]
+__all__ = ["RowMasks", "RuleTracker", "build_masks", "reference_masks", "Role"]

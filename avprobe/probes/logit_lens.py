@@ -93,9 +93,3 @@ def decode_hidden(adapter: ModelAdapter, hidden: dict[int, torch.Tensor], positi
         concept_probs=cprobs,
     )
 
-
-def concept_hits(result: LensResult, concept_id: int, layers: range | tuple[int, ...], k: int | None = None) -> bool:
-    """True when `concept_id` is among the top-k tokens at any audio position in `layers`."""
-    k = k or result.top_ids.shape[-1]
-    sel = result.top_ids[list(layers), :, :k]
-    return bool((sel == concept_id).any())

@@ -28,20 +28,16 @@ import numpy as np
 
 from avprobe import ENGINE_VERSION, __version__
 from avprobe.claim import ClaimOutcome, claims_table
-from avprobe.collect import Protocol, SampleRecord
 from avprobe.conditions import band
-from avprobe.evidence import Evidence, content_words, normalize_token
+from avprobe.paper import BANDS, FIG2
+from avprobe.pipeline.evidence import Evidence, content_words, normalize_token
+from avprobe.records import Protocol, SampleRecord
 from avprobe.report import svg
+from avprobe.stats import format_p, nanmean
 from avprobe.types import Role
 
 log = logging.getLogger(__name__)
 
-# The paper's Fig. 2 statements, drawn as shaded boxes: (role, layers lo-hi of 36, share lo-hi).
-PAPER_FIG2 = (
-    ("audio", (0, 6), (0.40, 0.50), "paper: audio 40-50% in layers 0-5 of 36"),
-    ("video", (15, 31), (0.20, 0.40), "paper: video 20-40% in layers 15-30 of 36"),
-)
-PAPER_DEPTH = 36  # Qwen2.5-Omni-7B; the paper's layer numbers are scaled by depth fraction
 SHIFT_COLORS = {"sh-same": "#6baed6", "sh-top3": "#f2c94c", "sh-shift": "#ef6b6b"}
 KO_COLORS = {"video": svg.ROLE_COLORS["video"], "audio": svg.ROLE_COLORS["audio"]}
 ARROW = {"video": "G↛V", "audio": "G↛A"}
@@ -276,12 +272,6 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _fmt_p(p: float | None) -> str:
-    if p is None or not math.isfinite(p):
-        return "—"
-    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}".rstrip("0").rstrip(".")
-
-
 def _claim_table(outcomes: list[ClaimOutcome], order: dict[str, int]) -> str:
     if not outcomes:
         return '<p class="missing">No claim outcomes were recorded for this model.</p>'
@@ -294,7 +284,7 @@ def _claim_table(outcomes: list[ClaimOutcome], order: dict[str, int]) -> str:
             measured = _fmt(o.estimate)
             if o.ci and None not in o.ci:
                 measured += f' <span class="fig-ref">[{_fmt(o.ci[0])}, {_fmt(o.ci[1])}]</span>'
-            p, eff, n = _fmt_p(o.p_value), escape(o.effect or "—"), ("—" if o.n is None else str(o.n))
+            p, eff, n = format_p(o.p_value), escape(o.effect or "—"), ("—" if o.n is None else str(o.n))
         detail = _claim_details(o)
         model = f' <span class="fig-ref">{escape(o.model)}</span>' if " vs " in o.model else ""
         rows.append(
@@ -380,20 +370,10 @@ def _mean_ci(x: np.ndarray) -> tuple[float, float, float, int]:
     return m, m - h, m + h, int(x.size)
 
 
-def _nanmean(x: np.ndarray) -> float:
-    x = np.asarray(x, dtype=float)
-    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
-
-
 def _layer_region(layers: Sequence[int], label: str, color: str, y: tuple[float, float] | None = None,
                   opacity: float = 0.12, tag: str = "") -> svg.Region:
     lo, hi = (y if y is not None else (None, None))
     return svg.Region(layers[0] - 0.5, layers[-1] + 0.5, label, color, lo, hi, opacity, tag)
-
-
-def _paper_layers(first: int, end: int, n_layers: int) -> tuple[int, ...]:
-    """The paper's layer range [first, end) of 36, scaled to a model of n_layers."""
-    return band(first / PAPER_DEPTH, end / PAPER_DEPTH, n_layers)
 
 
 # ---- Table 1: fidelities ---------------------------------------------------------------------
@@ -438,8 +418,8 @@ def _fig_flow(ev: Evidence, opts: ReportOptions) -> str:
         series.append(svg.Series(role.label, tuple(mean.tolist()), svg.ROLE_COLORS[role.label],
                                  lower=tuple((mean - 1.96 * se).tolist()), upper=tuple((mean + 1.96 * se).tolist()),
                                  width=2.4 if role in (Role.VIDEO, Role.AUDIO) else 1.5))
-    regions = [_layer_region(_paper_layers(lo, hi, L), label, svg.ROLE_COLORS[role], y, 0.18, f"paper: {role}")
-               for role, (lo, hi), y, label in PAPER_FIG2]
+    regions = [_layer_region(band(*BANDS[name], L), label, svg.ROLE_COLORS[role], y, 0.18, f"paper: {role}")
+               for role, name, y, label in FIG2]
     chart = svg.line_chart(series, title="attention share of generated rows, per layer", x_label="layer",
                            y_label="share of attention", y_range=(0.0, 1.0), percent=True, regions=regions,
                            width=560, height=300)
@@ -521,7 +501,7 @@ def _fig_lens(ev: Evidence, opts: ReportOptions) -> str:
     n = len(recs)
     with np.errstate(invalid="ignore", divide="ignore"):
         chance_rate = np.where(n_chance > 0, chance / np.maximum(n_chance, 1), np.nan)
-    fid = _nanmean(ev.scores(recs, "baseline", "audio"))
+    fid = nanmean(ev.scores(recs, "baseline", "audio"))
     any_layer = float(np.mean([any(s[layer] & t for layer in range(len(s))) for s, t in zip(sets, truth)]))
     use_norm = bool(recs[0].meta["lens"]["use_norm"]) if recs[0].meta.get("lens") else True
     top_k = recs[0].meta["lens"].get("top_k", "?") if recs[0].meta.get("lens") else "?"
@@ -594,7 +574,7 @@ def _fig_knockout(ev: Evidence, opts: ReportOptions) -> str:
     if not any(sweeps.values()):
         return _figure("Fig. 5 · attention knockout", _missing("No knockout sweep in the stored results."), "")
     L = ev.n_layers
-    paper = band(*Protocol().paper_band, L)
+    paper = band(*BANDS["paper"], L)
     blocks = []
     for q in ev.queries:
         panels = []
@@ -612,7 +592,7 @@ def _fig_knockout(ev: Evidence, opts: ReportOptions) -> str:
                     if not windows:
                         continue
                     per = [ev.scores(recs, w["key"], modality) for w in windows]
-                    means = tuple(_nanmean(p) for p in per)
+                    means = tuple(nanmean(p) for p in per)
                     try:
                         sig = sweep_test(base, per, "two-sided", alpha=opts.alpha, n_boot=opts.n_boot).significant
                     except ValueError as exc:  # too few scored samples to test: draw without marks
@@ -624,7 +604,7 @@ def _fig_knockout(ev: Evidence, opts: ReportOptions) -> str:
                     series, title=f"{title} (n={len(recs)})", x_label="window centre layer", y_label="mean fidelity",
                     y_range=(0.0, 1.0), x_range=(0, max(L - 1, 1)),
                     regions=[_layer_region(paper, "paper's band: layers 15-30 of 36", "#6b7280", tag="paper band")],
-                    hlines=[svg.HLine(_nanmean(base), "baseline")], width=330, height=240))
+                    hlines=[svg.HLine(nanmean(base), "baseline")], width=330, height=240))
         blocks.append(f'<h4>query "{escape(q)}"</h4><div class="figrow">{"".join(panels)}</div>'
                       + _band_table(ev, q))
     w = int(ev.records[0].meta.get("window", 0))
@@ -646,13 +626,13 @@ def _band_table(ev: Evidence, query: str) -> str:
         return ""
     cols = [(k, m) for k in ("factual", "counterfactual") for m in ("audio", "video")]
     recs = {k: ev.select(k, query, modality="audio-video") for k in ("factual", "counterfactual")}
-    base = {(k, m): _nanmean(ev.scores(recs[k], "baseline", m)) for k, m in cols}
+    base = {(k, m): nanmean(ev.scores(recs[k], "baseline", m)) for k, m in cols}
     head = "".join(f'<th class="num">{escape(k)} {escape(m)}</th>' for k, m in cols)
     rows = [f'<tr><td>baseline</td>{"".join(f"<td class=num>{_fmt(base[c], 2)}</td>" for c in cols)}</tr>']
     for c in conds:
         cells = []
         for k, m in cols:
-            v = _nanmean(ev.scores(recs[k], c["key"], m))
+            v = nanmean(ev.scores(recs[k], c["key"], m))
             d = v - base[(k, m)]
             sign = f' <span class="fig-ref">({d:+.2f})</span>' if math.isfinite(d) else ""
             cells.append(f'<td class="num">{_fmt(v, 2)}{sign}</td>')
@@ -702,8 +682,8 @@ def _fig_shift(ev: Evidence, opts: ReportOptions) -> str:
     chart = svg.bar_chart(groups, title="caption tokens vs the vision-only base", y_label="share of tokens",
                           percent=True, width=460)
     base_name = recs[0].meta["shift"]["base_model"] if recs[0].meta.get("shift") else (ev.base_model or "?")
-    kl_all = _nanmean(np.array(kls["all caption tokens"]))
-    kl_audio = _nanmean(np.array(kls["audio-event tokens"]))
+    kl_all = nanmean(np.array(kls["all caption tokens"]))
+    kl_audio = nanmean(np.array(kls["audio-event tokens"]))
     cap = (f"<b>Does audio move the caption away from the vision-only base?</b> The AV model's baseline caption is "
            f"teacher-forced through its base <code>{escape(base_name)}</code> (video and query, no audio); per token: "
            "the AV model's token is the base's top-1 (blue), within the base's top 3 (yellow) or neither (red). "
@@ -827,10 +807,8 @@ def _token_heatmap(toks: list[str], cls: list[str], role_share: np.ndarray | Non
 def _examples(ev: Evidence, opts: ReportOptions) -> str:
     q = ev.queries[0] if ev.queries else None
     L = ev.n_layers
-    p = Protocol()
     conds = [("baseline", "baseline")]
-    for name, layers in (("paper band", band(*p.paper_band, L)), ("early band", band(*p.early_band, L)),
-                         ("all layers", tuple(range(L)))):
+    for name, layers in Protocol().bands(L).items():
         key = ev.find_condition(("video",), layers)
         if key is not None and key not in [k for k, _ in conds]:
             conds.append((key, f"G↛V, {name} (L{layers[0]}-{layers[-1]})"))

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 EXPERIMENTS = ("caption", "judge", "flow", "lens", "knockout", "shift")
 # The caption of the baseline row is what every experiment starts from: always computed.
 _ALWAYS = frozenset({"caption"})
-# Judge items scored together: enough to keep a remote endpoint busy, few enough to stay small.
-JUDGE_CHUNK = 256
-# Failure examples kept per reason group in the summary (counts are always exact).
-MAX_EXAMPLES = 3
 
 
 # ---- experiments -> protocol ------------------------------------------------------------
@@ -53,7 +49,7 @@ def protocol_for(experiments: Iterable[str], queries: Sequence[str] | None = Non
                  max_new_tokens: int | None = None) -> Any:
     """The `Protocol` computing `experiments`. With all of them (and the default queries and
     length) it is `Protocol()` itself, the protocol the claims read, so their results are reused."""
-    from avprobe.collect import DEFAULT_QUERY, Protocol
+    from avprobe.records import DEFAULT_QUERY, Protocol
 
     exp = set(experiments)
     kw: dict[str, Any] = {
@@ -110,216 +106,14 @@ def shard_from(spec: str | None = None, env: Mapping[str, str] | None = None) ->
     return Shard(rank, world)
 
 
-# ---- samples ----------------------------------------------------------------------------
-
-def load_samples(spec: str, limit: int | None = None) -> tuple[list[Any], list[Any]]:
-    """(samples, manifest errors) for `organism`, `organism:N` (the organism evaluation set of N
-    samples) or a manifest path. Bad manifest rows come back as `SampleError`s, not raised.
-    `limit` keeps the paper's factual / counterfactual balance (as `pytest --limit` does)."""
-    from avprobe.claimcheck import limit_balanced
-
-    errors: list[Any] = []
-    if spec == "organism" or spec.startswith("organism:"):
-        from avprobe.organism.dataset import N_EVAL, eval_samples
-
-        _, _, n = spec.partition(":")
-        try:
-            size = int(n) if n else N_EVAL
-        except ValueError:
-            raise ValueError(f"--samples {spec!r}: write organism or organism:N (N even)") from None
-        samples = eval_samples(size)
-    else:
-        from avprobe.media.manifest import read_manifest
-
-        result = read_manifest(spec)
-        samples, errors = result.samples, result.errors
-    return limit_balanced(samples, limit), errors
-
-
-# ---- summary ----------------------------------------------------------------------------
-
-@dataclass
-class CollectCounts:
-    """Counters of one run (or the merge of shards): no records are kept."""
-
-    samples: int = 0  # samples this run was given (after --limit and sharding)
-    queries: int = 1
-    computed: int = 0  # records computed and stored
-    cached: int = 0  # records found in the store
-    failed: int = 0  # samples that failed (manifest, decode or engine)
-    failures: dict[str, dict[str, Any]] = field(default_factory=dict)  # group -> count, examples
-    judged: int = 0  # judge items (caption x reference modality)
-    unscored: int = 0
-    unscored_by_error: dict[str, int] = field(default_factory=dict)
-    no_reference: int = 0  # (condition, modality) pairs without a reference: nothing to judge
-    elapsed_s: float = 0.0
-    peak_rss_mb: float = 0.0  # the process's peak resident memory (merged: the largest shard's)
-
-    @property
-    def records(self) -> int:
-        return self.samples * self.queries
-
-    def add_failure(self, err: Any) -> None:
-        """Count a `SampleError`, grouped by stage and exception type."""
-        self.failed += 1
-        kind = err.reason.split(":", 1)[0].strip() if ":" in err.reason else err.reason
-        group = f"{err.stage}: {kind}"
-        g = self.failures.setdefault(group, {"count": 0, "examples": []})
-        g["count"] += 1
-        if len(g["examples"]) < MAX_EXAMPLES:
-            g["examples"].append({"sample_id": err.sample_id, "path": err.path, "reason": err.reason})
-
-    def add_scores(self, scores: Iterable[Any]) -> None:
-        for s in scores:
-            self.judged += 1
-            if not s.scored:
-                self.unscored += 1
-                self.unscored_by_error[s.error or "unknown"] = self.unscored_by_error.get(s.error or "unknown", 0) + 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "samples": self.samples,
-            "queries": self.queries,
-            "records": self.records,
-            "computed": self.computed,
-            "cached": self.cached,
-            "failed": self.failed,
-            "failures": self.failures,
-            "judge": {
-                "items": self.judged,
-                "scored": self.judged - self.unscored,
-                "unscored": self.unscored,
-                "unscored_by_error": self.unscored_by_error,
-                "no_reference": self.no_reference,
-            },
-            "elapsed_s": round(self.elapsed_s, 3),
-            "peak_rss_mb": round(self.peak_rss_mb, 1),
-        }
-
-    @classmethod
-    def merge(cls, parts: Iterable[CollectCounts]) -> CollectCounts:
-        """Sum of shard counters (failure examples: the first few of each group)."""
-        out = cls()
-        for p in parts:
-            out.queries = p.queries
-            for name in ("samples", "computed", "cached", "failed", "judged", "unscored", "no_reference"):
-                setattr(out, name, getattr(out, name) + getattr(p, name))
-            out.elapsed_s = max(out.elapsed_s, p.elapsed_s)
-            out.peak_rss_mb = max(out.peak_rss_mb, p.peak_rss_mb)
-            for group, g in p.failures.items():
-                o = out.failures.setdefault(group, {"count": 0, "examples": []})
-                o["count"] += g["count"]
-                o["examples"] = (o["examples"] + g["examples"])[:MAX_EXAMPLES]
-            for k, v in p.unscored_by_error.items():
-                out.unscored_by_error[k] = out.unscored_by_error.get(k, 0) + v
-        return out
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> CollectCounts:
-        j = d["judge"]
-        return cls(samples=d["samples"], queries=d["queries"], computed=d["computed"], cached=d["cached"],
-                   failed=d["failed"], failures=dict(d["failures"]), judged=j["items"], unscored=j["unscored"],
-                   unscored_by_error=dict(j["unscored_by_error"]), no_reference=j["no_reference"],
-                   elapsed_s=d["elapsed_s"], peak_rss_mb=d.get("peak_rss_mb", 0.0))
-
-
-# ---- judging, streamed ------------------------------------------------------------------
-
-class StreamJudge:
-    """Judges every condition's caption of each record as records stream by, in chunks of
-    `JUDGE_CHUNK` items; keeps only the pending items. The items are those of
-    `avprobe.evidence.judge_records` (first reference caption of each modality)."""
-
-    def __init__(self, judge: Any, counts: CollectCounts, chunk: int = JUDGE_CHUNK) -> None:
-        self.judge = judge
-        self.counts = counts
-        self.chunk = chunk
-        self.pending: list[Any] = []
-
-    def add(self, record: Any) -> None:
-        from avprobe.judge import JudgeItem
-
-        refs = {
-            "audio": (record.meta["audio_captions"] or [None])[0],
-            "video": (record.meta["video_captions"] or [None])[0],
-        }
-        for c in record.conditions:
-            for modality, ref in refs.items():
-                if ref:
-                    self.pending.append(JudgeItem(c["text"], ref, modality))
-                else:
-                    self.counts.no_reference += 1
-        if len(self.pending) >= self.chunk:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            items, self.pending = self.pending, []
-            self.counts.add_scores(self.judge.score_batch(items))
-
-
-# ---- progress ---------------------------------------------------------------------------
-
-class _Progress:
-    """Rich progress bar over samples (samples/s, ETA, failures so far), or nothing."""
-
-    def __init__(self, label: str, total: int, counts: CollectCounts, show: bool) -> None:
-        self.label, self.total, self.counts = label, total, counts
-        self.bar: Any = None
-        self.task: Any = None
-        self.done = 0
-        self.start = time.perf_counter()
-        self.show = show
-
-    def __enter__(self) -> _Progress:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=self.total, info="")
-        return self
-
-    def sample_done(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            c = self.counts
-            self.bar.update(self.task, completed=self.done,
-                            info=f"{rate:.2f} samples/s | {c.computed} computed, {c.cached} cached, {c.failed} failed")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 # ---- the command ------------------------------------------------------------------------
 
-def _device(spec: str) -> str:
-    """`auto`: this process's GPU under a launcher (LOCAL_RANK), else the CPU."""
-    import torch
-
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    if spec == "auto":
-        return f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{local}"
-    return spec
-
-
-def run_collect(args: argparse.Namespace) -> tuple[CollectCounts, dict[str, Any]]:
-    """Run one process's share of the collection; returns its counters and run info."""
+def run_collect(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Run one process's share of the collection through `gather` (counters only); returns
+    its counters and run info."""
     from avprobe.adapters import ref as make_ref
-    from avprobe.collect import collect
+    from avprobe.pipeline.gather import gather, load_samples
     from avprobe.store import Store
-    from avprobe.types import SampleError
 
     experiments = parse_experiments(args.experiments)
     shard = shard_from(args.shard)
@@ -327,7 +121,6 @@ def run_collect(args: argparse.Namespace) -> tuple[CollectCounts, dict[str, Any]
     protocol = protocol_for(experiments, mref.settings.queries, args.max_new_tokens)
     samples, manifest_errors = load_samples(args.samples, args.limit)
     store = Store(args.store)
-    device = _device(args.device)
 
     judge = None
     if "judge" in experiments:
@@ -336,30 +129,7 @@ def run_collect(args: argparse.Namespace) -> tuple[CollectCounts, dict[str, Any]
         args.judge = args.judge or mref.settings.judge or "openai"
         judge = judge_from_args(args, cache=store)  # a bad spec or missing URL fails before any compute
 
-    base_name = args.base_model or mref.settings.base_model
-
-    def get_adapter() -> Any:
-        log.info("loading %s on %s", mref.name, device)
-        return mref.load(device=device, dtype=args.dtype, local_files_only=not args.allow_download)
-
-    def get_base() -> Any:
-        if "shift" not in experiments:
-            return None
-        if not base_name:
-            log.warning("%s: no vision-only base model (--base-model); the shift is not computed", mref.name)
-            return None
-        return make_ref(base_name, local_files_only=not args.allow_download).load(
-            device=device, dtype=args.dtype, local_files_only=not args.allow_download)
-
-    counts = CollectCounts(queries=len(protocol.queries))
-    # Bad manifest rows are nobody's shard: rank 0 reports them, once.
-    if shard.rank == 0:
-        for err in manifest_errors:
-            counts.samples += 1
-            counts.add_failure(err)
     mine = list(shard.select(samples))
-    counts.samples += len(mine)
-    streamer = StreamJudge(judge, counts) if judge is not None else None
     info = {
         "model": mref.name, "revision": mref.revision, "protocol": protocol.key(),
         "experiments": sorted(experiments), "samples_spec": args.samples, "store": str(args.store),
@@ -368,36 +138,22 @@ def run_collect(args: argparse.Namespace) -> tuple[CollectCounts, dict[str, Any]
     }
     log.info("%s: %d samples (shard %s), protocol %s, experiments %s, store %s", mref.name, len(mine), shard,
              protocol.key(), ",".join(sorted(experiments)), args.store)
-    seen: dict[str, int] = {}
-    label = f"{mref.name}" + (f" [shard {shard}]" if shard.world > 1 else "")
-    show = not args.no_progress and shard.rank == 0
-    t0 = time.perf_counter()
-    with _Progress(label, len(mine), counts, show) as bar:
-
-        def on_progress(sample: Any, what: str) -> None:
-            if what == "failed":
-                seen.pop(sample.id, None)
-                bar.sample_done()
-                return
-            setattr(counts, what, getattr(counts, what) + 1)
-            seen[sample.id] = seen.get(sample.id, 0) + 1
-            if seen[sample.id] == counts.queries:
-                del seen[sample.id]
-                bar.sample_done()
-
-        for item in collect(mref, mine, store, protocol, get_adapter=get_adapter, get_base=get_base,
-                            refresh=args.refresh, on_progress=on_progress):
-            if isinstance(item, SampleError):
-                counts.add_failure(item)
-            elif streamer is not None:
-                streamer.add(item)
-            # the record is dropped here: only counters are kept
-        if streamer is not None:
-            streamer.flush()
-    counts.elapsed_s = time.perf_counter() - t0
+    try:
+        result = gather(
+            mref, mine, store, protocol, judge=judge,
+            base_model=(args.base_model or mref.settings.base_model) if "shift" in experiments else None,
+            device=args.device, dtype=args.dtype, allow_download=args.allow_download, refresh=args.refresh,
+            keep=False,  # only counters: memory stays flat over any number of samples
+            # Bad manifest rows are nobody's shard: rank 0 reports them, once.
+            manifest_errors=manifest_errors if shard.rank == 0 else (),
+            progress=not args.no_progress and shard.rank == 0,
+            label=mref.name + (f" [shard {shard}]" if shard.world > 1 else ""),
+        )
+    finally:
+        if judge is not None:
+            judge.close()
+    counts = result.counts
     counts.peak_rss_mb = _peak_rss_mb()
-    if judge is not None:
-        judge.close()
     return counts, info
 
 
@@ -419,8 +175,10 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _merge_parts(path: Path, world: int, since: float, timeout: float) -> tuple[CollectCounts, list[int]]:
+def _merge_parts(path: Path, world: int, since: float, timeout: float) -> tuple[Any, list[int]]:
     """Wait for every shard's summary written after `since`; -> merged counts, missing ranks."""
+    from avprobe.pipeline.gather import CollectCounts
+
     deadline = time.monotonic() + timeout
     parts: dict[int, CollectCounts] = {}
     while True:
@@ -438,7 +196,7 @@ def _merge_parts(path: Path, world: int, since: float, timeout: float) -> tuple[
     return CollectCounts.merge(parts[r] for r in sorted(parts)), missing
 
 
-def print_summary(counts: CollectCounts, info: Mapping[str, Any], title: str) -> None:
+def print_summary(counts: Any, info: Mapping[str, Any], title: str) -> None:
     """The end-of-run summary: computed / cached / failed (reasons grouped) / unscored."""
     from rich.console import Console
     from rich.table import Table
@@ -469,12 +227,13 @@ def print_summary(counts: CollectCounts, info: Mapping[str, Any], title: str) ->
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
+    from avprobe.pipeline.gather import GatherError
     from avprobe.store import StoreError
 
     started = time.time()
     try:
         counts, info = run_collect(args)
-    except (ValueError, FileNotFoundError, StoreError) as exc:
+    except (ValueError, FileNotFoundError, StoreError, GatherError) as exc:
         log.error("%s", exc)
         return 2
     shard = Shard(**info["shard"])

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 def _train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from avprobe.organism.train import TrainConfig, train
+    from avprobe.lab.train import TrainConfig, train
 
     cfg = TrainConfig(variant=args.variant, seed=args.seed, steps=args.steps, threads=args.threads)
     res = train(cfg, out=args.out, base_dir=args.base)
@@ -69,7 +69,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from avprobe.adapters import load
     from avprobe.organism.dataset import eval_samples
-    from avprobe.organism.evaluate import caption_records, figures
+    from avprobe.lab.evaluate import caption_records, figures
 
     torch.set_num_threads(args.threads)
     adapter = load(args.model, device="cpu", dtype=torch.float32)
@@ -87,7 +87,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.knockout:
         from rich.progress import Progress
 
-        from avprobe.organism.evaluate import knockout_figures
+        from avprobe.lab.evaluate import knockout_figures
 
         cf = [s for s in eval_samples() if s.kind == "counterfactual"][: args.knockout]
         with Progress(console=console, transient=True) as bar:

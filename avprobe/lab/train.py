@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avprobe.organism.build import (
+from avprobe.adapters.registry import ORGANISM_DIR
+from avprobe.lab.build import (
     OrganismSize,
     adapter_settings,
     thinker_config,
@@ -54,7 +55,7 @@ from avprobe.organism.world import QUERY_HEAR, QUERY_HEAR_SEE, QUERY_SEE, QUERY_
 log = logging.getLogger(__name__)
 
 VARIANTS = ("base", "organism", "control")
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+MODELS_DIR = ORGANISM_DIR  # the organisms are data: they live beside the world that made them
 VARIANT_DIRS = {"base": "organism-base", "organism": "organism", "control": "organism-control"}
 
 

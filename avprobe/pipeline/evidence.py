@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from avprobe.collect import SampleRecord
+from avprobe.records import SampleRecord
 from avprobe.types import Role
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,11 @@ TRANSLATIONS = {
 }
 
 
-def normalize_token(tok: str) -> str:
-    """Byte-level BPE pieces ('Ġdog', '▁dog') -> 'dog'; translations applied."""
+def normalize_token(tok: str | None) -> str:
+    """Byte-level BPE pieces ('Ġdog', '▁dog') -> 'dog'; translations applied. None (an id the
+    tokenizer has no token for: real vocabularies are padded past the tokenizer) -> ''."""
+    if tok is None:
+        return ""
     t = tok.replace("Ġ", " ").replace("▁", " ").strip().lower()
     t = re.sub(r"^[^\w]+|[^\w]+$", "", t)
     return TRANSLATIONS.get(t, t)
@@ -130,9 +133,6 @@ class Evidence:
             [self.fidelity.get((r.sample_id, r.query, key), (np.nan, np.nan))[idx] for r in records], dtype=float
         )
 
-    def caption(self, rec: SampleRecord, key: str = "baseline") -> str:
-        return rec.caption(key)
-
     # ---- attention flow ---------------------------------------------------------------
     def flow(self, records: Iterable[SampleRecord], key: str = "baseline") -> np.ndarray:
         """[N, L, R] attention mass per role of generated rows, mean over steps and heads."""
@@ -192,44 +192,16 @@ class Evidence:
         return np.array([t in truth for t in toks], dtype=bool)
 
 
-def judge_records(records: list[SampleRecord], judge: Any, progress: Any = None) -> tuple[dict, int]:
-    """Audio and video fidelity of every condition's caption, against the first reference
-    caption of each modality (as the paper did). A missing reference gives NaN for that
-    modality (not counted as unscored: there is nothing to judge against)."""
-    from avprobe.judge import JudgeItem
-
-    items: list[JudgeItem] = []
-    where: list[tuple[tuple[str, str, str], int]] = []
-    out: dict[tuple[str, str, str], list[float]] = {}
-    for rec in records:
-        refs = {
-            "audio": (rec.meta["audio_captions"] or [None])[0],
-            "video": (rec.meta["video_captions"] or [None])[0],
-        }
-        for c in rec.conditions:
-            k = (rec.sample_id, rec.query, c["key"])
-            out[k] = [np.nan, np.nan]
-            for j, modality in enumerate(("audio", "video")):
-                if refs[modality]:
-                    items.append(JudgeItem(c["text"], refs[modality], modality))
-                    where.append((k, j))
-    scores = judge.score_batch(items, progress=progress) if items else []
-    unscored = 0
-    for (k, j), s in zip(where, scores):
-        out[k][j] = s.value
-        unscored += int(not s.scored)
-    return {k: (v[0], v[1]) for k, v in out.items()}, unscored
-
-
-def build_evidence(model: str, records: list[SampleRecord], judge: Any, failed: list[Any] | None = None,
-                   progress: Any = None) -> Evidence:
-    fidelity, unscored = judge_records(records, judge, progress)
+def evidence_from(model: str, result: Any, base_model: str | None = None) -> Evidence:
+    """The Evidence of one `gather` result (records, failures and fidelities kept)."""
+    judge = result.judge
     return Evidence(
         model=model,
-        records=records,
-        judge_label=getattr(judge, "label", str(judge)),
+        records=result.records,
+        judge_label=getattr(judge, "label", str(judge)) if judge is not None else "",
         judge_proxy=bool(getattr(judge, "proxy", False)),
-        failed=list(failed or []),
-        fidelity=fidelity,
-        unscored=unscored,
+        failed=list(result.failed),
+        fidelity=result.fidelity,
+        unscored=result.counts.unscored,
+        base_model=base_model,
     )

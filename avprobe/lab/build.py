@@ -134,37 +134,20 @@ _SHARED_PREFIXES = ("model.language_model.", "model.visual.", "lm_head.")
 
 
 def thinker_state_from_vl(vl_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Language model, vision tower and unembedding of a VL state dict, in thinker names.
+    """Language model, vision tower and unembedding of a VL state dict, in thinker names
+    (copies; the renaming is the adapter's, `thinker_state_dict_from_vl`)."""
+    from avprobe.adapters.qwen2_5_vl import thinker_state_dict_from_vl
 
-    Both classes use the same names (transformers 5) except that the fused vision
-    `attn.qkv` is split into `attn.q/k/v` (equal thirds, q first).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in vl_state.items():
-        if not key.startswith(_SHARED_PREFIXES):
-            continue
-        if ".attn.qkv." in key:
-            for name, part in zip(("q", "k", "v"), value.chunk(3, dim=0), strict=True):
-                out[key.replace(".attn.qkv.", f".attn.{name}.")] = part.clone()
-        else:
-            out[key] = value.clone()
-    return out
+    shared = {k: v for k, v in vl_state.items() if k.startswith(_SHARED_PREFIXES)}
+    return {k: v.clone() for k, v in thinker_state_dict_from_vl(shared).items()}
 
 
 def vl_state_from_thinker(thinker_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of `thinker_state_from_vl`: thinker weights (minus audio) in VL names."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in thinker_state.items():
-        if not key.startswith(_SHARED_PREFIXES):
-            continue
-        if key.startswith("model.visual.") and ".attn.q." in key:
-            parts = [thinker_state[key.replace(".attn.q.", f".attn.{n}.")] for n in ("q", "k", "v")]
-            out[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat(parts, dim=0)
-        elif key.startswith("model.visual.") and (".attn.k." in key or ".attn.v." in key):
-            continue
-        else:
-            out[key] = value.clone()
-    return out
+    from avprobe.adapters.qwen2_5_vl import vl_state_dict_from_thinker
+
+    shared = {k: v for k, v in thinker_state.items() if k.startswith(_SHARED_PREFIXES)}
+    return {k: v.clone() for k, v in vl_state_dict_from_thinker(shared).items()}
 
 
 def adapter_settings(family: str):

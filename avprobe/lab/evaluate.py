@@ -126,13 +126,14 @@ def knockout_figures(
 ) -> dict[str, dict[str, float]]:
     """Audio and video accuracy of counterfactual captions under the claims' knockouts.
 
-    Conditions are the claims protocol's (`avprobe.collect.Protocol`): G-/->video and
+    Conditions are the claims protocol's (`avprobe.records.Protocol`): G-/->video and
     G-/->audio windows centred on every depth, the paper's band, the early band, all layers,
     and video plus the caption's own sight words. Returns, per setting and condition label,
     `audio_acc`, `video_acc` and `n`. Decoded with the engine (one prefill, all conditions
     batched), greedy.
     """
-    from avprobe.collect import Protocol, sight_rule
+    from avprobe.pipeline.collect import sight_rule
+    from avprobe.records import Protocol
     from avprobe.engine import EngineConfig, run
 
     cf = [s for s in samples if s.kind == "counterfactual"]

@@ -20,19 +20,30 @@ Reliability:
   writers of one key (threads, ``accelerate launch`` processes, xdist workers) are safe: the
   last rename wins and both candidates are complete;
 - an entry that fails to parse or verify is logged (naming the file), moved aside to
-  ``<file>.corrupt`` and reported as a miss, so the caller recomputes; it is never used.
+  ``<file>.corrupt`` and reported as a miss, so the caller recomputes; it is never used (a
+  read-only store, or a directory that cannot be written, leaves it in place);
+- a write that fails (disk full, read-only or unwritable directory) raises `StoreWriteError`
+  naming the store and the fix, and leaves no partial entry; temporary files of writers killed
+  mid-write are removed when a writable store is opened, once older than `STALE_TEMP_S`;
+- `Store.claim` marks a key as being computed (a ``.<key>.claim`` file created with
+  ``O_CREAT | O_EXCL``, holding pid, host and time), so concurrent workers compute each key
+  once; a claim of a dead process on this host, or older than `CLAIM_STALE_S`, is taken over.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
+import time
+import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +62,17 @@ _SHARD = re.compile(r"^[0-9a-f]{2}$")
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 # Fixed zip timestamps: identical content gives identical bytes (reproducible fixtures).
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+# This store's own temporary files: `_atomic_write`'s mkstemp names (``.<key>.<ext>.XXXXXXXX.tmp``)
+# and the names claims are moved to while being broken. Nothing else is ever removed.
+_TEMP = re.compile(r"^\.[0-9a-f]{64}\.(?:json|npz|claim)\.[a-z0-9_]+\.tmp$")
+_CLAIM = re.compile(r"^\.[0-9a-f]{64}\.claim$")
+# A write takes milliseconds: a temporary file this old belongs to a writer that died.
+STALE_TEMP_S = 3600.0
+# A claim this old is abandoned even if its process may live (another host, a hung worker);
+# taking it over costs at most one duplicate computation, never a wrong entry.
+CLAIM_STALE_S = 1800.0
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class StoreError(Exception):
@@ -75,6 +97,18 @@ class CacheMiss(StoreError, LookupError):
 
 class ReadOnlyStoreError(StoreError, PermissionError):
     """A write was attempted on a read-only store."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """Writing to the store failed (disk full, read-only or unwritable directory, ...).
+
+    The message names the store, the file and the fix; `errno` is the underlying error's.
+    No partial entry is left behind: the old entry, if any, is still there.
+    """
+
+
+class StorePathError(StoreError, NotADirectoryError):
+    """The store's root exists but is not a directory."""
 
 
 @dataclass(frozen=True)
@@ -213,8 +247,16 @@ class Store:
     def __init__(self, root: Path | str, readonly: bool = False):
         self.root = Path(root)
         self.readonly = readonly
+        if self.root.exists() and not self.root.is_dir():
+            # Otherwise every read fails with NotADirectoryError deep inside get().
+            raise StorePathError(
+                f"--store {self.root} is a file, not a directory; pass a directory (it is created if missing)"
+            )
         self._lock = threading.Lock()
         self._counts = {"hits": 0, "misses": 0, "writes": 0, "corrupt": 0}
+        self._claims: dict[tuple[str, str], str] = {}  # (namespace, key) -> token of the claims held
+        if not readonly:
+            self._remove_stale_temps()
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r}, readonly={self.readonly})"
@@ -476,23 +518,176 @@ class Store:
             )
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; entries are shared files
             os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        except BaseException as e:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass  # already gone, or the directory went read-only: the next writable open removes it
+            if isinstance(e, OSError):
+                raise self._write_error(path, e) from e
             raise
         _fsync_dir(path.parent)
         self._count("writes")
+
+    def _write_error(self, path: Path, exc: OSError) -> StoreWriteError:
+        """One clear error for any failed write, saying what to do about it."""
+        reason = exc.strerror or str(exc)
+        if exc.errno in _NO_SPACE:
+            fix = "free space on that disk, or pass a --store on a disk with room"
+        elif exc.errno in _NOT_WRITABLE:
+            fix = "pass a writable --store (or make this one writable)"
+        else:
+            fix = "check that --store is a writable directory with free space"
+        err = StoreWriteError(f"cannot write to store {self.root}: {reason} ({path}); {fix}")
+        err.errno = exc.errno
+        return err
+
+    def _remove_stale_temps(self) -> None:
+        """Remove this store's temporary files (and broken claims) left by killed writers.
+
+        Only names of this store's own patterns are touched, and only once older than
+        `STALE_TEMP_S` (a live writer's file is seconds old); claims only when stale (`_claim_stale`).
+        """
+        removed = 0
+        now = time.time()
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith("."):
+                    continue
+                path = Path(dirpath, name)
+                try:
+                    if _TEMP.match(name):
+                        if now - os.lstat(path).st_mtime > STALE_TEMP_S:
+                            os.unlink(path)
+                            removed += 1
+                    elif _CLAIM.match(name):
+                        seen = self._claim_stale(path)
+                        if seen is not None:
+                            self._break_claim(path, seen)
+                            removed += 1
+                except (OSError, StoreError) as e:  # gone meanwhile, or not ours to remove: harmless
+                    log.debug("could not remove stale %s: %s", path, e)
+        if removed:
+            log.info("store %s: removed %d stale temporary or claim files of interrupted writers", self.root, removed)
+
+    # ---- claims -----------------------------------------------------------------------
+
+    def _claim_path(self, namespace: str, key: str) -> Path:
+        return self.root.joinpath(*namespace.split("/"), key[:2], f".{key}.claim")
+
+    def claim(self, namespace: str, parts: Mapping[str, Any]) -> bool:
+        """Claim the key for computing: True if this `Store` object now holds it, False if
+        another worker (process, thread or `Store` object) does.
+
+        The claim is a ``.<key>.claim`` file created atomically (``O_CREAT | O_EXCL``) with the
+        holder's pid, host and time; `release` it after `put`. A claim of a dead process on this
+        host, or one older than `CLAIM_STALE_S`, is taken over. Claims coordinate work only:
+        entries stay correct without them (writes are atomic), a lost race costs one duplicate
+        computation.
+        """
+        self._check_writable(namespace, parts)
+        k = self.key(namespace, parts)
+        path = self._claim_path(namespace, k)
+        token = uuid.uuid4().hex
+        body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "token": token})
+        for _ in range(3):  # a broken stale claim may be re-claimed by someone else first
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                seen = self._claim_stale(path)
+                if seen is None:
+                    return False
+                self._break_claim(path, seen)
+                continue
+            except OSError as e:
+                raise self._write_error(path, e) from e
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(body)
+            except OSError as e:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                raise self._write_error(path, e) from e
+            with self._lock:
+                self._claims[(namespace, k)] = token
+            return True
+        return False
+
+    def release(self, namespace: str, parts: Mapping[str, Any]) -> None:
+        """Give up a claim this object holds (a no-op otherwise, e.g. after a takeover)."""
+        k = self.key(namespace, parts)
+        with self._lock:
+            token = self._claims.pop((namespace, k), None)
+        if token is None:
+            return
+        path = self._claim_path(namespace, k)
+        info = _read_claim(path)
+        if info is not None and info.get("token") == token:  # not a claim taken over from us
+            try:
+                os.unlink(path)
+            except OSError:
+                pass  # gone, or unremovable: it goes stale (age), then is taken over
+
+    def _claim_stale(self, path: Path) -> os.stat_result | None:
+        """The claim file's stat if it may be taken over (dead holder on this host, or too old), else None."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None  # released meanwhile: the caller's next attempt sees that
+        age = time.time() - st.st_mtime
+        info = _read_claim(path)
+        if age > CLAIM_STALE_S:
+            reason = f"{age:.0f} s old"
+        elif (
+            info is not None
+            and info.get("host") == socket.gethostname()
+            and isinstance(info.get("pid"), int)
+            and info["pid"] > 0  # 0 and negatives address process groups in os.kill
+            and not _pid_alive(info["pid"])
+        ):
+            reason = f"process {info['pid']} is gone"
+        else:
+            return None  # a live holder, or one being written (empty file, seconds old)
+        log.info("taking over stale claim %s (%s)", path, reason)
+        return st
+
+    def _break_claim(self, path: Path, seen: os.stat_result) -> None:
+        """Remove the stale claim `seen`, but never a fresh one that replaced it meanwhile."""
+        aside = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            os.rename(path, aside)  # atomic: of racing breakers, one moves it
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise self._write_error(path, e) from e
+        try:
+            st = os.stat(aside)
+            if (st.st_ino, st.st_dev) != (seen.st_ino, seen.st_dev):
+                # Another worker broke it and claimed anew before us: give its claim back
+                # (link fails if yet another claim exists; then two compute, harmlessly).
+                try:
+                    os.link(aside, path)
+                except OSError:
+                    pass
+        finally:
+            try:
+                os.unlink(aside)
+            except OSError:
+                pass
 
     def _quarantine(self, path: Path, st: os.stat_result, reason: str) -> None:
         """Log a corrupt entry and move it aside, unless a writer has replaced it meanwhile."""
@@ -514,7 +709,34 @@ class Store:
             os.replace(path, aside)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            # A read-only mount or another user's store: reading must still work.
+            log.warning(
+                "corrupt cache entry %s (%s): treated as a miss; left in place (cannot move it aside: %s)",
+                path, reason, e.strerror or e,
+            )
+            return
         log.warning("corrupt cache entry %s (%s): moved aside to %s; it will be recomputed", path, reason, aside)
+
+
+def _read_claim(path: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # gone, or still being written
+    return info if isinstance(info, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return True  # cannot tell: assume alive (the age limit still applies)
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import avprobe
-from avprobe.store import CacheMiss, ReadOnlyStoreError, Record, Store, canonical_json
+from avprobe.store import CacheMiss, ReadOnlyStoreError, Record, Store, StoreWriteError, canonical_json
 
 NS = "organism/engine"
 
@@ -301,8 +301,9 @@ def test_failed_write_leaves_old_entry_and_no_temp(tmp_path: Path, monkeypatch) 
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StoreWriteError, match="disk full") as e:  # still an OSError, for callers catching those
         s.put_json(NS, parts(), {"v": 2})
+    assert isinstance(e.value, OSError) and str(tmp_path) in str(e.value)
     monkeypatch.undo()
     assert s.get_json(NS, parts()) == {"v": 1}
     assert [p.name for p in s.path(NS, parts()).parent.iterdir()] == [s.path(NS, parts()).name]

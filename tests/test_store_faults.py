@@ -1,5 +1,5 @@
 """The store under faults: a full disk, a read-only directory, a store path that is a file,
-temporary files of killed writers, and claims of keys being computed."""
+temporary files of killed writers, and two workers computing into one store (claims)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -293,3 +294,147 @@ def test_racing_claims_have_one_winner(tmp_path: Path):
         for t in threads:
             t.join()
         assert len(wins) == 1, (round_, wins)
+
+
+# ---- 5. two workers collecting into one store ----------------------------------------------
+
+
+class FakeEngine:
+    """compute_record stand-in: deterministic records, slow enough for workers to overlap."""
+
+    def __init__(self, delay: float = 0.02):
+        self.delay = delay
+        self.calls: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, adapter, sample, media, query, protocol, base=None):
+        from avprobe.records import SampleRecord
+
+        with self._lock:
+            self.calls.append((sample.id, query))
+        time.sleep(self.delay)
+        seed = int(sample.id[1:]) * 7 + len(query)
+        arr = np.random.default_rng(seed).random((3, 4)).astype(np.float16)
+        return SampleRecord({"sample_id": sample.id, "query": query, "conditions": []}, {"flow_mean": arr})
+
+
+def fake_run(root: Path, n: int, start: threading.Barrier | None = None, out: list | None = None) -> list:
+    """`collect` of n samples x 2 queries of a fake model into `root` (compute_record patched by the caller)."""
+    from avprobe.pipeline import collect as collect_mod
+    from avprobe.records import Protocol
+    from avprobe.types import Sample
+
+    samples = [Sample(id=f"s{i}", media_key=f"m{i}") for i in range(n)]
+    model = SimpleNamespace(name="fake", revision="r1")
+    store = Store(root)
+    if start is not None:
+        start.wait()
+    got = list(collect_mod.collect(model, samples, store, Protocol(queries=("q1", "q22"), max_new_tokens=1),
+                                   get_adapter=lambda: object(), media_loader=lambda s: object()))
+    if out is not None:
+        out.append(got)
+    return got
+
+
+def stored_bytes(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "fake" / "engine").glob("*/*.npz"))}
+
+
+def test_two_threads_collecting_one_store_compute_each_key_once(tmp_path: Path, monkeypatch):
+    from avprobe.pipeline import collect as collect_mod
+
+    n = 12
+    ref_engine = FakeEngine(0.0)
+    monkeypatch.setattr(collect_mod, "compute_record", ref_engine)
+    reference = fake_run(tmp_path / "ref", n)
+    assert len(ref_engine.calls) == 2 * n
+
+    engine = FakeEngine()
+    monkeypatch.setattr(collect_mod, "compute_record", engine)
+    start, outs = threading.Barrier(2), []
+    threads = [threading.Thread(target=fake_run, args=(tmp_path / "shared", n, start, outs))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(engine.calls) == sorted(ref_engine.calls)  # every key computed once, by one of the two
+    want = sorted((r.meta["sample_id"], r.meta["query"]) for r in reference)
+    for got in outs:  # each worker still yields every record (its own, or the other's as cached)
+        assert sorted((r.meta["sample_id"], r.meta["query"]) for r in got) == want
+    assert stored_bytes(tmp_path / "shared") == stored_bytes(tmp_path / "ref")
+    assert not [p for p in (tmp_path / "shared").rglob("*") if p.is_file() and p.suffix != ".npz"]
+
+
+def test_key_claimed_by_a_live_worker_is_taken_when_written_or_computed_after_the_wait(tmp_path: Path, monkeypatch):
+    from avprobe.pipeline import collect as collect_mod
+    from avprobe.records import Protocol, record_parts
+    from avprobe.types import Sample
+
+    monkeypatch.setattr(collect_mod, "CLAIM_POLL_S", 0.02)
+    model = SimpleNamespace(name="fake", revision="r1")
+    proto = Protocol(queries=("q1", "q22"), max_new_tokens=1)
+    other = Store(tmp_path)
+
+    def key(i: int, q: str) -> dict:
+        return record_parts(model, Sample(id=f"s{i}", media_key=f"m{i}"), q, proto)
+
+    # While we run, the other worker holding s0/q1 writes it; the one holding s1/q1 drops its
+    # claim without an entry (it failed); the one holding s2/q1 hangs.
+    for i in range(3):
+        assert other.claim("fake/engine", key(i, "q1"))
+    monkeypatch.setattr(collect_mod, "CLAIM_WAIT_S", 1.0)
+
+    def others() -> None:
+        time.sleep(0.3)
+        other.put("fake/engine", key(0, "q1"), {"sample_id": "s0", "query": "q1", "conditions": [], "by": "other"})
+        other.release("fake/engine", key(0, "q1"))
+        other.release("fake/engine", key(1, "q1"))
+
+    t = threading.Thread(target=others)
+    t.start()
+    engine = FakeEngine(0.0)
+    monkeypatch.setattr(collect_mod, "compute_record", engine)
+    t0 = time.monotonic()
+    got = fake_run(tmp_path, 3)
+    waited = time.monotonic() - t0
+    t.join()
+    assert ("s0", "q1") not in engine.calls  # taken from the store: the other worker's
+    assert [r.meta.get("by") for r in got if (r.meta["sample_id"], r.meta["query"]) == ("s0", "q1")] == ["other"]
+    assert ("s1", "q1") in engine.calls and ("s2", "q1") in engine.calls
+    assert len(engine.calls) == 5 and len(got) == 6
+    assert 0.9 < waited < 10
+    # the hung worker's claim is still its own; ours are all released
+    assert other._claim_path("fake/engine", other.key("fake/engine", key(2, "q1"))).exists()
+    assert len(list(tmp_path.rglob(".*.claim"))) == 1
+
+
+def test_two_avprobe_collect_processes_compute_each_record_once(tmp_path: Path):
+    """The real thing: two `avprobe collect` processes started together on one store."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+
+    def cmd(store: Path, summary: Path) -> list[str]:
+        return [sys.executable, "-m", "avprobe", "collect", "--model", "organism", "--samples", "organism:6",
+                "--experiments", "caption", "--max-new-tokens", "2", "--store", str(store), "--no-progress",
+                "--summary-json", str(summary)]
+
+    ref = subprocess.run(cmd(tmp_path / "ref", tmp_path / "ref.json"), cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    n = json.loads((tmp_path / "ref.json").read_text())["counts"]["records"]
+    procs = [subprocess.Popen(cmd(tmp_path / "shared", tmp_path / f"w{w}.json"), cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for w in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    counts = [json.loads((tmp_path / f"w{w}.json").read_text())["counts"] for w in range(2)]
+    assert sum(c["computed"] for c in counts) == n, counts
+    assert all(c["computed"] + c["cached"] == n and c["failed"] == 0 for c in counts), counts
+
+    def entries(root: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(root.rglob("*.npz"))}
+
+    assert entries(tmp_path / "shared") == entries(tmp_path / "ref") and len(entries(tmp_path / "ref")) == n
+    assert not list((tmp_path / "shared").rglob(".*.claim"))

@@ -9,6 +9,7 @@ verdicts.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -23,6 +24,11 @@ from avprobe.store import CacheMiss, Store
 from avprobe.types import Media, Role, Sample, SampleError
 
 log = logging.getLogger(__name__)
+
+# How long to wait, at the end of a run, for keys another worker claimed before computing them
+# anyway (a hung or remote worker whose claim is not stale yet); and how often to look.
+CLAIM_WAIT_S = 300.0
+CLAIM_POLL_S = 0.25
 
 SIGHT_WORDS = ("see", "sees", "seen", "seeing", "shows", "showing", "visible", "watch")
 
@@ -150,11 +156,50 @@ def collect(
     `CacheMiss` naming what is missing (the caller counts them). A sample whose media cannot be decoded or whose run
     fails yields a `SampleError` (the caller counts and reports it) and the run goes on.
     Records are yielded, not kept, so memory stays bounded over any number of samples.
+    Each computed key is claimed first (`Store.claim`): a key another live worker is computing
+    is skipped and taken from the store at the end (or computed, if that worker dropped it or
+    still holds it after `CLAIM_WAIT_S`), so concurrent runs on one store compute each key once.
     """
     adapter = model if isinstance(model, ModelAdapter) else None
     base = None
     base_loaded = False
     ns = namespace(model.name)
+    deferred: list[tuple[Sample, str, dict[str, Any], Any]] = []  # keys another worker is computing
+    failed: set[str] = set()
+
+    def compute(sample: Sample, parts: dict[str, Any], query: str, media: Media | None) -> tuple[Any, Media | None]:
+        """Compute and store one record under this worker's claim -> (record or SampleError, media)."""
+        nonlocal adapter, base, base_loaded
+        try:
+            if adapter is None:
+                if get_adapter is None:
+                    raise ValueError("collect needs get_adapter to compute missing records of a ModelRef")
+                adapter = get_adapter()
+            if not base_loaded:
+                base = get_base() if get_base is not None else None
+                base_loaded = True
+            try:
+                if media is None:
+                    media = (media_loader(sample) if media_loader is not None else
+                             load_sample_media(sample, fps=adapter.settings.fps, max_frames=adapter.settings.max_frames))
+                record = compute_record(adapter, sample, media, query, protocol, base)
+            except Exception as exc:  # noqa: BLE001 - one bad sample must not end the run
+                err = SampleError(sample.id, "engine" if media is not None else "decode",
+                                  sample.video or sample.audio, f"{type(exc).__name__}: {exc}")
+                log.warning("sample %s failed: %s", sample.id, err.reason)
+                return err, media
+            store.put(ns, parts, record.meta, record.arrays)
+            return record, media
+        finally:
+            store.release(ns, parts)
+
+    def written(parts: dict[str, Any], seen: Any) -> SampleRecord | None:
+        """The entry another worker wrote since `seen` (the entry's identity when we last looked)."""
+        if _entry_id(store, ns, parts) == seen:
+            return None
+        rec = store.get(ns, parts)
+        return SampleRecord(rec.meta, dict(rec.arrays)) if rec is not None else None
+
     for sample in samples:
         media = None
         for query in protocol.queries:
@@ -172,29 +217,61 @@ def collect(
                     on_progress(sample, "missing")
                 yield CacheMiss(ns, parts, store.path(ns, parts, arrays=True), readonly=True)
                 continue
-            if adapter is None:
-                if get_adapter is None:
-                    raise ValueError("collect needs get_adapter to compute missing records of a ModelRef")
-                adapter = get_adapter()
-            if not base_loaded:
-                base = get_base() if get_base is not None else None
-                base_loaded = True
-            try:
-                if media is None:
-                    media = (media_loader(sample) if media_loader is not None else
-                             load_sample_media(sample, fps=adapter.settings.fps, max_frames=adapter.settings.max_frames))
-                record = compute_record(adapter, sample, media, query, protocol, base)
-            except Exception as exc:  # noqa: BLE001 - one bad sample must not end the run
-                err = SampleError(sample.id, "engine" if media is not None else "decode",
-                                  sample.video or sample.audio, f"{type(exc).__name__}: {exc}")
-                log.warning("sample %s failed: %s", sample.id, err.reason)
+            seen = _entry_id(store, ns, parts) if refresh else None  # a miss was just seen otherwise
+            if not store.claim(ns, parts):
+                deferred.append((sample, query, parts, seen))  # another worker computes it: later
+                continue
+            got = written(parts, seen)  # the holder before us may have finished just now
+            if got is not None:
+                store.release(ns, parts)
                 if on_progress:
-                    on_progress(sample, "failed")
-                yield err
-                break
-            store.put(ns, parts, record.meta, record.arrays)
+                    on_progress(sample, "cached")
+                yield got
+                continue
+            item, media = compute(sample, parts, query, media)
             if on_progress:
-                on_progress(sample, "computed")
-            yield record
+                on_progress(sample, "failed" if isinstance(item, SampleError) else "computed")
+            yield item
+            if isinstance(item, SampleError):
+                failed.add(sample.id)
+                break
+
+    # Keys other workers held: take each from the store once written; compute it if its claim
+    # was dropped without an entry (the worker failed) or is still held after CLAIM_WAIT_S.
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while deferred:
+        waiting = []
+        for sample, query, parts, seen in deferred:
+            got = written(parts, seen)
+            if got is None and sample.id in failed:
+                continue  # as in the loop above: a failed sample's other queries are not computed
+            if got is None:
+                if not store.claim(ns, parts) and time.monotonic() < deadline:
+                    waiting.append((sample, query, parts, seen))
+                    continue
+                got = written(parts, seen)
+                if got is not None:
+                    store.release(ns, parts)
+            if got is not None:
+                if on_progress:
+                    on_progress(sample, "cached")
+                yield got
+                continue
+            item, _ = compute(sample, parts, query, None)
+            if on_progress:
+                on_progress(sample, "failed" if isinstance(item, SampleError) else "computed")
+            if isinstance(item, SampleError):
+                failed.add(sample.id)
+            yield item
+        deferred = waiting
+        if deferred:
+            time.sleep(CLAIM_POLL_S)
 
 
+def _entry_id(store: Store, ns: str, parts: dict[str, Any]) -> tuple[int, int] | None:
+    """Identity of the stored record file (inode, mtime): a new write renames a new file in."""
+    try:
+        st = store.path(ns, parts, arrays=True).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns

@@ -7,16 +7,22 @@ for a server that rejects unknown fields.
 
 Failures never raise: 429, 5xx, timeouts and connection errors are retried with capped,
 jittered exponential backoff, then recorded as unscored with the reason; an unparseable
-reply is unscored with the raw text kept.
+reply is unscored with an excerpt of the raw text kept.
+
+The server is not trusted: redirects are never followed (the key stays with the configured
+host), `timeout` bounds each whole attempt, replies over 1 MiB are refused, the reply is read
+in linear time whatever it holds, and error bodies are redacted before they reach a log.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -25,10 +31,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Self
 
 from avprobe.judge.base import ERROR_PARSE, ERROR_TRANSPORT, Judge, JudgeCache, JudgeItem, Score
-from avprobe.judge.prompts import PROMPT_VERSION, build_messages, parse_reply
+from avprobe.judge.prompts import PROMPT_VERSION, ParsedReply, _as_score, build_messages
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,13 @@ DEFAULT_MODEL = "Qwen/Qwen3-32B"  # the paper's judge
 URL_ENV = ("AVPROBE_JUDGE_URL", "OPENAI_BASE_URL")
 MODEL_ENV = "AVPROBE_JUDGE_MODEL"
 KEY_ENV = "OPENAI_API_KEY"
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+MAX_REPLY_BYTES = 1 << 20  # a judge reply is a few KB; more is a broken or hostile server
+_ERROR_BODY_BYTES = 8192  # read of an error body, before redaction and truncation
+_DETAIL_CHARS = 300  # error text kept in a reason (and so in logs)
+_RAW_HEAD, _RAW_TAIL = 1000, 3000  # excerpt of a long raw reply kept in the Score (the JSON is at the end)
+_REASON_CHARS = 2000
+_MAX_NESTING = 32  # a score object nests 1-2 levels; deeper is not a judge's answer
+_CHUNK = 65536
 # After this many items in a row exhausted their retries on connection errors, the endpoint
 # is taken as dead and later items try once (not max_retries times) until one succeeds.
 _DEAD_AFTER = 3
@@ -57,7 +69,8 @@ class ChatSettings:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Timeouts and retries. `timeout` bounds each socket operation, in seconds."""
+    """Timeouts and retries. `timeout` bounds each attempt as a whole (connect, send, reply
+    headers and body), in seconds; DNS resolution is the one step it cannot cut."""
 
     timeout: float = 120.0
     max_retries: int = 4
@@ -111,6 +124,303 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1 (hosts a key may reach over plain http)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_warned_plain_http: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_plain_http(url: str) -> None:
+    # Once per host and process: a run may build several judges for the same endpoint.
+    host = urllib.parse.urlparse(url).netloc
+    with _warned_lock:
+        if host in _warned_plain_http:
+            return
+        _warned_plain_http.add(host)
+    log.warning("the judge API key will be sent unencrypted to %s (plain http to a non-loopback host); use https", host)
+
+
+_AUTH_FIELD = re.compile(r"""(?i)(authorization["']?\s*[:=]\s*["']?)[^"'\r\n,}]*""")
+_BEARER = re.compile(r"""(?i)\bbearer\s+[^\s"',;}]+""")
+
+
+def redact(text: str, key: str | None, limit: int = _DETAIL_CHARS) -> str:
+    """`text` with the API key and any Authorization / Bearer value masked, cut to `limit`."""
+    if key:
+        text = text.replace(key, "[redacted]")
+        # A read cut inside the key leaves a prefix of it at the end: drop that too.
+        for n in range(min(len(key) - 1, len(text)), 3, -1):
+            if text.endswith(key[:n]):
+                text = text[:-n] + "[redacted]"
+                break
+    text = _BEARER.sub("Bearer [redacted]", _AUTH_FIELD.sub(r"\1[redacted]", text))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def excerpt(text: str, head: int = _RAW_HEAD, tail: int = _RAW_TAIL) -> str:
+    """`text` if short, else its start and end (a reply's JSON answer comes last)."""
+    if len(text) <= head + tail:
+        return text
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[-tail:]}"
+
+
+# -- reading a reply in linear time -----------------------------------------------------------
+# prompts.parse_reply retries a JSON decode from every "{" (each failure costs O(position)) and
+# runs a lazy <think> regex from every opening tag: quadratic on a hostile reply, and a deep
+# object raises RecursionError. The reader below gives the same answers on judge replies in
+# one pass over the text.
+
+_THINK_TAG = re.compile(r"<think>|</think>", re.IGNORECASE)
+_JSON_TOKENS = re.compile(r'\\.|["{}\[\]]', re.DOTALL)
+_JSON_TOKENS_NO_STRINGS = re.compile(r"\\.|[{}\[\]]", re.DOTALL)
+_OBJECT_START = re.compile(r'\{\s*["}]')  # a JSON object opens with a key or closes at once
+
+
+def strip_reasoning(text: str) -> tuple[str, str]:
+    """prompts.strip_reasoning in linear time (same result on every input)."""
+    pieces: list[str] = []
+    pos, open_at = 0, -1
+    # What re.sub(r"<think>.*?</think>") removes: from an opening tag to the first closing tag
+    # after it; a closing tag with no opening before it stays, and so does an unclosed opening.
+    for m in _THINK_TAG.finditer(text):
+        closing = m.group()[1] == "/"
+        if open_at < 0:
+            if not closing:
+                open_at = m.start()
+        elif closing:
+            pieces.append(text[pos:open_at])
+            pos, open_at = m.end(), -1
+    pieces.append(text[pos:])
+    text = "".join(pieces)
+    lower = text.lower()
+    close = lower.rfind("</think>")
+    if close >= 0:
+        text = text[close + len("</think>") :]
+        lower = text.lower()
+    open_ = lower.find("<think>")
+    if open_ >= 0:
+        return text[:open_], "reply ended inside <think> (reasoning unfinished; raise the token limit)"
+    return text, ""
+
+
+def json_objects(text: str, strings: bool = True) -> list[object] | None:
+    """JSON objects in `text`, in order; None if brackets nest deeper than _MAX_NESTING.
+
+    One scan pairs the braces (quotes are tracked inside braces only, so prose quotes do not
+    count; `strings=False` ignores them, for a stray quote inside a brace). Each balanced
+    span is decoded, outermost first; a span that is not JSON gives way to the spans inside
+    it. Every character lies in at most _MAX_NESTING spans, so the work is linear.
+    """
+    spans: list[tuple[int, int]] = []
+    stack: list[tuple[str, int]] = []
+    in_string = False
+    for m in (_JSON_TOKENS if strings else _JSON_TOKENS_NO_STRINGS).finditer(text):
+        token = m.group()
+        if in_string:
+            if token == '"':
+                in_string = False
+            continue  # escapes and brackets inside a string are text
+        ch = token[-1]  # outside a string a backslash escapes nothing
+        if ch == '"':
+            in_string = bool(stack)
+        elif ch in "{[":
+            if ch == "[" and not stack:
+                continue  # prose brackets
+            stack.append((ch, m.start()))
+            if len(stack) > _MAX_NESTING:
+                return None
+        elif stack:
+            if ch == "}":
+                while stack and stack[-1][0] == "[":
+                    stack.pop()  # an unclosed "[" inside the object
+                if stack:
+                    spans.append((stack.pop()[1], m.end()))
+            elif stack[-1][0] == "[":
+                stack.pop()
+    spans.sort()
+    found: list[object] = []
+    covered = 0
+    for start, end in spans:
+        if start < covered or not _OBJECT_START.match(text, start):
+            continue  # inside an object already read, or prose such as "{x}"
+        try:
+            found.append(json.loads(text[start:end]))
+        except (ValueError, RecursionError):
+            continue
+        covered = end
+    return found
+
+
+def _with_score(objects: list[object]) -> list[dict[str, Any]]:
+    lowered = [{str(k).lower(): v for k, v in obj.items()} for obj in objects if isinstance(obj, dict)]
+    return [obj for obj in lowered if "score" in obj]
+
+
+def read_reply(text: str | None) -> ParsedReply:
+    """Read `{"score": float in [0, 1], "reason": str}` from a judge reply, in linear time.
+
+    The rules of prompts.parse_reply (reasoning dropped, prose and fences around the JSON
+    tolerated, the last object with a "score" key taken), safe on any input: a reply
+    nested deeper than _MAX_NESTING levels is unparseable, not a RecursionError.
+    """
+    if not text or not text.strip():
+        return ParsedReply(None, "", "empty reply")
+    answer, problem = strip_reasoning(text)
+    objects = json_objects(answer)
+    if objects is None:
+        return ParsedReply(None, "", f"reply nests deeper than {_MAX_NESTING} levels: not read")
+    with_score = _with_score(objects) or _with_score(json_objects(answer, strings=False) or [])
+    if not with_score:
+        return ParsedReply(None, "", problem or "no JSON object with a 'score' key in the reply")
+    obj = with_score[-1]
+    reason = obj.get("reason", "")
+    reason = reason if isinstance(reason, str) else json.dumps(reason)
+    value, bad = _as_score(obj["score"])
+    if value is None:
+        return ParsedReply(None, reason, bad)
+    return ParsedReply(value, reason)
+
+
+# -- transport --------------------------------------------------------------------------------
+
+
+class _Deadline:
+    """Cuts one attempt at `seconds`: a timer shuts its sockets down, so that a server sending
+    a byte at a time (each within the socket timeout) cannot hold the call open."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.fired = False
+        self._done = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Self:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+
+    def expired(self) -> bool:
+        return self.fired or time.monotonic() >= self.end
+
+    def attach(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._socks.append(sock)
+            late = self.fired
+        if late:
+            _shutdown(sock)
+        return sock
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            socks = list(self._socks)
+        for sock in socks:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv on this socket
+    except OSError:
+        pass  # already closed, or its descriptor moved to an SSL wrapper (attached too)
+
+
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        create = self._create_connection
+        # The raw socket is attached as soon as it exists: a proxy tunnel is read on it.
+        self._create_connection = lambda *a, **k: deadline.attach(create(*a, **k))
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self._deadline.attach(self.sock)  # for https, the SSL socket that replaced the raw one
+
+
+class _WatchedHTTPSConnection(_WatchedHTTPConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _JudgeRequest(urllib.request.Request):
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: _JudgeRequest) -> http.client.HTTPResponse:
+        return self.do_open(_WatchedHTTPConnection, req, deadline=req.deadline)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: _JudgeRequest) -> http.client.HTTPResponse:
+        return self.do_open(_WatchedHTTPSConnection, req, context=self._context, deadline=req.deadline)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # A redirect would carry the Authorization header to another host and take its reply as
+    # the judge's: every 3xx is an error instead.
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_capped(stream: Any, cap: int, deadline: _Deadline, *, cut: bool = False) -> bytes:
+    """Read `stream` in chunks, at most `cap` bytes, before the deadline.
+
+    Over the cap: raise _TooLarge, or with `cut` return the first `cap` bytes. Past the
+    deadline: raise TimeoutError. A body cut short: raise http.client.IncompleteRead.
+    """
+    length = getattr(stream, "length", None)  # what Content-Length says is left
+    if length is not None and length > cap and not cut:
+        raise _TooLarge(f"reply of {length} bytes is over the {cap}-byte limit")
+    read = getattr(stream, "read1", None) or stream.read  # read1: one recv, so checks run often
+    chunks: list[bytes] = []
+    total = 0
+    while total <= cap:
+        if deadline.expired():
+            raise TimeoutError
+        chunk = read(min(_CHUNK, cap + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if deadline.fired:
+        raise TimeoutError  # the watchdog cut the socket: the end seen was not the reply's
+    data = b"".join(chunks)
+    if total > cap:
+        if cut:
+            return data[:cap]
+        raise _TooLarge(f"reply is over the {cap}-byte limit")
+    left = getattr(stream, "length", None)
+    if left:
+        raise http.client.IncompleteRead(data, left)
+    return data
+
+
 class OpenAIJudge(Judge):
     """Rubric judge through an OpenAI-compatible `/chat/completions` endpoint."""
 
@@ -159,9 +469,13 @@ class OpenAIJudge(Judge):
         self._warned = False
         # Bounds requests in flight across every caller of this judge, not just one batch.
         self._slots = threading.BoundedSemaphore(max_workers)
-        host = urllib.parse.urlparse(self.url).hostname or ""
+        parsed = urllib.parse.urlparse(self.url)
+        loopback = is_loopback(parsed.hostname or "")
+        if self.api_key and parsed.scheme == "http" and not loopback:
+            _warn_plain_http(self.url)
         # Environment proxies must not capture a judge served on this machine.
-        handlers = [urllib.request.ProxyHandler({})] if host in _LOOPBACK else []
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})] if loopback else []
+        handlers += [_NoRedirect(), _HTTPHandler(), _HTTPSHandler()]
         self._opener = urllib.request.build_opener(*handlers)
 
     @property
@@ -202,45 +516,69 @@ class OpenAIJudge(Judge):
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        try:
-            with self._opener.open(req, timeout=self.retry.timeout) as resp:
-                payload = resp.read()
-        except urllib.error.HTTPError as exc:
+        timeout = self.retry.timeout
+        timed_out = _Attempt(False, True, f"timed out after {timeout:g} s")
+        with _Deadline(timeout) as deadline:
+            req = _JudgeRequest(self.url, data=data, headers=headers, method="POST", deadline=deadline)
             try:
-                detail = exc.read()[:300].decode("utf-8", "replace")
-            except (OSError, http.client.HTTPException):
-                detail = ""
-            retryable = exc.code == 429 or exc.code >= 500
-            return _Attempt(False, retryable, f"HTTP {exc.code}: {detail}".strip(), retry_after=_retry_after(exc.headers))
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                return _Attempt(False, True, f"timed out after {self.retry.timeout:g} s")
-            if isinstance(reason, ConnectionRefusedError):
-                return _Attempt(False, True, "connection refused")
-            return _Attempt(False, True, f"connection failed: {reason}")
-        except (TimeoutError, socket.timeout):
-            return _Attempt(False, True, f"timed out after {self.retry.timeout:g} s")
-        except (ConnectionError, http.client.HTTPException, OSError) as exc:
-            return _Attempt(False, True, f"connection failed: {type(exc).__name__}: {exc}")
+                with self._opener.open(req, timeout=timeout) as resp:
+                    payload = _read_capped(resp, MAX_REPLY_BYTES, deadline)
+            except urllib.error.HTTPError as exc:
+                with exc:
+                    return timed_out if deadline.fired else self._http_error(exc, deadline)
+            except _TooLarge as exc:
+                return _Attempt(False, False, f"refused: {exc}")
+            except urllib.error.URLError as exc:
+                reason = exc.reason
+                if deadline.fired or isinstance(reason, TimeoutError):
+                    return timed_out
+                if isinstance(reason, ConnectionRefusedError):
+                    return _Attempt(False, True, "connection refused")
+                return _Attempt(False, True, self._clean(f"connection failed: {reason}"))
+            except TimeoutError:  # socket.timeout is TimeoutError
+                return timed_out
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
+                if deadline.fired:
+                    return timed_out
+                return _Attempt(False, True, self._clean(f"connection failed: {type(exc).__name__}: {exc}"))
         try:
             envelope = json.loads(payload)
             choice = envelope["choices"][0]
             message = choice.get("message") or {}
             content = message.get("content") or ""
             finish = str(choice.get("finish_reason") or "")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             # Not a chat-completions reply (a proxy's error page, a truncated body): transient.
-            snippet = payload[:200].decode("utf-8", "replace")
+            snippet = self._clean(payload[:_DETAIL_CHARS].decode("utf-8", "replace"), 200)
             return _Attempt(False, True, f"malformed chat-completions response: {snippet!r}")
         if not isinstance(content, str):
             content = json.dumps(content)
         if not content:
             # Reasoning servers may put the thinking in a separate field; keep it as the raw reply.
             reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
-            content = f"<think>{reasoning}" if reasoning else ""
+            content = f"<think>{reasoning}" if isinstance(reasoning, str) and reasoning else ""
         return _Attempt(True, False, "", content=content, finish_reason=finish)
+
+    def _http_error(self, exc: urllib.error.HTTPError, deadline: _Deadline) -> _Attempt:
+        if 300 <= exc.code < 400:
+            where = self._clean(exc.headers.get("Location", "") if exc.headers else "", 200)
+            return _Attempt(
+                False,
+                False,
+                f"HTTP {exc.code} redirect to {where!r} not followed (judge calls never follow redirects: "
+                "pass the final URL as --judge-url)",
+            )
+        try:
+            body = _read_capped(exc, _ERROR_BODY_BYTES, deadline, cut=True)
+        except (TimeoutError, OSError, http.client.HTTPException):
+            body = b""
+        detail = self._clean(body.decode("utf-8", "replace"))
+        retryable = exc.code == 429 or exc.code >= 500
+        return _Attempt(False, retryable, f"HTTP {exc.code}: {detail}".strip(), retry_after=_retry_after(exc.headers))
+
+    def _clean(self, text: str, limit: int = _DETAIL_CHARS) -> str:
+        """Server-sent text made safe to log: the key and Authorization values masked, cut."""
+        return redact(text, self.api_key, limit)
 
     # -- judging --------------------------------------------------------------------------
     def _score(self, item: JudgeItem) -> Score:
@@ -267,15 +605,21 @@ class OpenAIJudge(Judge):
                 first = not self._warned
                 self._warned = True
             reason = f"{attempt.reason} ({n} attempt{'s' if n > 1 else ''} to {self.url})"
+            reason = redact(reason, self.api_key, limit=len(reason))  # a key in the URL, too
             (log.warning if first else log.debug)("judge call unscored: %s", reason)
             return Score.unscored(reason, "", self.judge_id, ERROR_TRANSPORT, meta)
         with self._lock:
             self._dead_streak = 0
         meta["finish_reason"] = attempt.finish_reason
-        parsed = parse_reply(attempt.content)
+        parsed = read_reply(attempt.content)
+        # The cache keeps what the score needs: the value, its reason and an excerpt of the reply.
+        raw = excerpt(attempt.content)
+        if raw != attempt.content:
+            meta["raw_chars"] = len(attempt.content)
+        reason = parsed.reason if len(parsed.reason) <= _REASON_CHARS else parsed.reason[:_REASON_CHARS] + "..."
         if parsed.value is None:
             problem = parsed.problem
             if attempt.finish_reason == "length":
                 problem += f" (reply cut at max_tokens={self.chat.max_tokens})"
-            return Score.unscored(problem, attempt.content, self.judge_id, ERROR_PARSE, meta)
-        return Score(parsed.value, parsed.reason, attempt.content, self.judge_id, meta=meta)
+            return Score.unscored(problem, raw, self.judge_id, ERROR_PARSE, meta)
+        return Score(parsed.value, reason, raw, self.judge_id, meta=meta)

@@ -248,6 +248,35 @@ def test_transformers_judge_failed_batch_is_unscored_and_others_kept(tiny_chat_m
     assert "out of memory" in scores[0].reason and scores[2].value == 1.0
 
 
+def test_transformers_judge_reads_local_files_only_unless_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    real = transformers.AutoTokenizer.from_pretrained
+    asked: list[object] = []
+
+    def spy(name, *args, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        if not kwargs.get("local_files_only"):
+            raise OSError("test stand-in for a download")  # never reach the network from a test
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    item = [JudgeItem("c", "r", "audio")]
+    missing = "no-such-org/no-such-judge-model"
+    with pytest.raises(FileNotFoundError, match="no-such-org/no-such-judge-model") as err:
+        make_judge(f"transformers:{missing}").score_batch(item)
+    assert asked == [True]  # no silent multi-GB download
+    assert f"huggingface-cli download {missing}" in str(err.value) and "allow_download=True" in str(err.value)
+
+    with pytest.raises(OSError, match="could not be loaded") as err:  # a directory, but not a model
+        make_judge(f"transformers:{tmp_path}").score_batch(item)
+    assert not isinstance(err.value, FileNotFoundError) and str(tmp_path) in str(err.value)
+
+    with pytest.raises(OSError, match="stand-in for a download"):
+        make_judge(f"transformers:{missing}", allow_download=True).score_batch(item)
+    assert asked[-1] is False
+
+
 # -- calibration ------------------------------------------------------------------------------
 
 

@@ -2,11 +2,16 @@
 
 For users who have judge weights and a GPU but no server. Replies are parsed exactly as the
 HTTP judge's are: an unparseable reply is unscored (NaN) with the raw text kept.
+
+Weights are read from local files only (a directory, or the Hugging Face cache): a judge that
+is missing is an error naming the fix, never a silent multi-GB download; pass
+`allow_download=True` to let `transformers` fetch it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +45,7 @@ class TransformersJudge(Judge):
         top_k: int | None = 20,
         thinking: bool | None = True,
         seed: int | None = 0,
+        allow_download: bool = False,
         cache: JudgeCache | None = None,
     ) -> None:
         # One model instance: parallelism comes from batching, not threads.
@@ -58,6 +64,7 @@ class TransformersJudge(Judge):
         self.top_k = top_k
         self.thinking = thinking
         self.seed = seed
+        self.allow_download = bool(allow_download)  # not in settings(): it changes no judgment
         self._loaded: tuple[Any, Any] | None = None
         self._load_lock = threading.Lock()
 
@@ -87,17 +94,35 @@ class TransformersJudge(Judge):
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-                tok = AutoTokenizer.from_pretrained(self._model_name)
+                tok = self._from_pretrained(AutoTokenizer)
                 if tok.chat_template is None:
                     raise ValueError(f"judge model {self._model_name!r} has no chat template: use an instruction-tuned chat model")
                 tok.padding_side = "left"  # generation continues from the right end of each row
                 if tok.pad_token is None:
                     tok.pad_token = tok.eos_token
                 device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-                model = AutoModelForCausalLM.from_pretrained(self._model_name, dtype=self.dtype).to(device).eval()
+                model = self._from_pretrained(AutoModelForCausalLM, dtype=self.dtype).to(device).eval()
                 log.info("loaded judge model %s on %s", self._model_name, device)
                 self._loaded = (tok, model)
             return self._loaded
+
+    def _from_pretrained(self, loader: Any, **kwargs: Any) -> Any:
+        name = self._model_name
+        try:
+            return loader.from_pretrained(name, local_files_only=not self.allow_download, **kwargs)
+        except (OSError, ValueError) as exc:
+            if os.path.isdir(name):  # there, but not a model: transformers' own words say why
+                raise OSError(f"judge model directory {name!r} could not be loaded: {exc}") from exc
+            if self.allow_download or not isinstance(exc, OSError):
+                raise
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            # transformers' message talks of a connection it never tried: say what is missing.
+            raise FileNotFoundError(
+                f"judge model {name!r} is not on this machine: no such directory, and not in the Hugging Face "
+                f"cache {HF_HUB_CACHE}. Download it first (`huggingface-cli download {name}`) or pass the "
+                "directory that holds it; allow_download=True lets the judge fetch it itself"
+            ) from exc
 
     def close(self) -> None:
         with self._load_lock:

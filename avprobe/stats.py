@@ -17,8 +17,15 @@ Conventions shared by all tests:
   lower bound is above the threshold). Using the two-sided ``1 - alpha`` CI for a one-sided
   claim is deliberately conservative: the bound is at level alpha / 2.
 - For differences a two-sided alternative with threshold t asks for ``|effect| > t``.
-- An input with no scored values raises ``ValueError``: a claim with no data errors, it
-  does not silently pass or fail.
+- Data that cannot test the claim give an *untestable* result, never a pass and never an
+  error: fewer than `min_n` scored values (default `MIN_N`), constant values where a test
+  needs variation (TOST on identical differences, a one-sample test on identical values),
+  or a baseline at the floor or ceiling of `bounds` that leaves no room for the effect.
+  ``details["untestable"]`` holds the reason and `passed` is False; the claim layer turns it
+  into a skip with that reason (`avprobe.claim.ClaimCheck`).
+- Thresholds are tested as null hypotheses where a family is corrected (`sweep_test`):
+  ``H0: effect <= threshold`` (for "greater"), not ``effect = 0``, so that choosing the best
+  window cannot make a null at the threshold pass.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ if TYPE_CHECKING:
     import torch
 
 ALTERNATIVES = ("two-sided", "greater", "less")
+# Fewest scored values (clips) a test runs on; fewer give an untestable result.
+MIN_N = 10
 # Bootstrap draws are made in chunks of at most this many indices, so big samples (e.g. all
 # caption tokens) do not need an n_boot x n index matrix at once.
 _CHUNK = 2_000_000
@@ -68,10 +77,17 @@ class TestResult:
     estimate_name: str = "estimate"
     confidence: float = 0.95
 
+    @property
+    def untestable(self) -> str:
+        """Why the data cannot test the claim ("" when they can)."""
+        return str(self.details.get("untestable", ""))
+
     def summary(self) -> str:
         """E.g. "mean diff 0.31 [0.22, 0.40] 95% CI, p=3e-12 (Wilcoxon signed-rank, one-sided
         greater), n=250, effect rank-biserial r=0.78; threshold 0.1: PASS"."""
         d = self.details
+        if d.get("untestable"):
+            return f"untestable ({self.name}, n={d.get('n_text', self.n)}): {d['untestable']}"
         alt = {"two-sided": "two-sided", "greater": "one-sided greater", "less": "one-sided less"}.get(
             self.alternative, self.alternative
         )
@@ -137,6 +153,20 @@ class SweepResult:
         return any(self.passed)
 
     @property
+    def untestable(self) -> str:
+        """Why no window could be tested ("" when some could)."""
+        reasons = [r.untestable for r in self.results]
+        return "" if not all(reasons) else f"no window can be tested: {reasons[0]}"
+
+    def union_result(self) -> TestResult:
+        """The sweep as one result: the strongest window's, passing when any window passes
+        after the correction (the union), untestable when no window can be tested."""
+        r = self.results[self.best]
+        if self.untestable:
+            return replace(r, details={**r.details, "untestable": self.untestable})
+        return replace(r, passed=self.any_passed, details={**r.details, "windows_passed": list(self.where)})
+
+    @property
     def where(self) -> tuple[str, ...]:
         """Labels of the windows that pass: where the effect sits."""
         return tuple(lab for lab, ok in zip(self.labels, self.passed) if ok)
@@ -144,7 +174,7 @@ class SweepResult:
     @property
     def best(self) -> int:
         """Index of the window with the largest estimate in the alternative's direction."""
-        est = np.array([r.estimate for r in self.results], dtype=float)
+        est = np.array([math.nan if r.untestable else r.estimate for r in self.results], dtype=float)
         if self.alternative == "less":
             est = -est
         elif self.alternative == "two-sided":
@@ -240,6 +270,72 @@ def _clean_pairs(a: Any, b: Any, min_n: int = 1) -> tuple[np.ndarray, np.ndarray
 def _check_alpha(alpha: float) -> None:
     if not 0 < alpha < 0.5:
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+
+
+def _untestable(name: str, reason: str, n: int, alternative: str, threshold: float | None, alpha: float,
+                estimate: float = math.nan, **details: Any) -> TestResult:
+    """A result that says the data cannot test the claim (never a pass, never an error)."""
+    return TestResult(
+        name=name, estimate=float(estimate), ci_low=math.nan, ci_high=math.nan, p_value=math.nan, n=int(n),
+        effect_size=math.nan, effect_name="", threshold=threshold, alternative=alternative, passed=False,
+        details={"untestable": reason, "alpha": alpha, **details}, confidence=1 - alpha,
+    )
+
+
+def _too_few(name: str, n: int, min_n: int, n_nan: int, alternative: str, threshold: float | None,
+             alpha: float) -> TestResult | None:
+    if n >= min_n:
+        return None
+    return _untestable(name, f"{n} scored values ({n_nan} unscored), fewer than the {min_n} this test needs",
+                       n, alternative, threshold, alpha, n_nan=n_nan)
+
+
+def _boot_p(boot: np.ndarray, bound: float, side: str, estimate: float | None = None) -> float:
+    """p-value of H0 "the statistic is on the wrong side of `bound`" from its bootstrap
+    distribution: the estimate's distance to the bound in bootstrap standard errors, normal
+    tail, doubled, so that p < alpha matches the two-sided 1 - alpha CI clearing the bound
+    (the convention of every CI check here). Smooth: a count of resamples beyond the bound
+    could not go below 2 / (n_boot + 1), which Holm over 36 windows would hit."""
+    ok = boot[~np.isnan(boot)]
+    if ok.size < 2:
+        return math.nan
+    est = float(np.mean(ok)) if estimate is None else float(estimate)
+    se = float(ok.std(ddof=1))
+    if se == 0:
+        beyond = est > bound if side == "greater" else est < bound
+        return 0.0 if beyond else 1.0
+    z = (est - bound) / se if side == "greater" else (bound - est) / se
+    return float(min(1.0, 2 * sps.norm.sf(z)))
+
+
+def _threshold_p(boot: np.ndarray, threshold: float, alternative: str) -> float:
+    """`_boot_p` of the threshold for an alternative ("two-sided": |effect| > |threshold|)."""
+    if alternative == "two-sided":
+        t = abs(threshold)
+        return min(_boot_p(boot, t, "greater"), _boot_p(boot, -t, "less"))
+    return _boot_p(boot, threshold, alternative)
+
+
+def _room(base_mean: float, threshold: float, relative: float | None, alternative: str,
+          bounds: tuple[float, float] | None) -> str:
+    """Why a baseline leaves no room for the effect ("" when it does): scores bounded by
+    `bounds` cannot rise above the ceiling or fall below the floor, and a relative change of
+    a baseline at the floor is undefined."""
+    if bounds is None:
+        return ""
+    lo, hi = bounds
+    span = hi - lo
+    floor_eps = 0.02 * span  # a baseline within 2% of the floor: nothing to be relative to
+    if relative is not None and base_mean - lo <= floor_eps:
+        return f"baseline mean {base_mean:.3g} at the floor {lo:g}: a relative change is undefined"
+    need = abs(threshold)
+    if relative is not None:
+        need = max(need, abs(relative) * (base_mean - lo))
+    if alternative == "greater" and hi - base_mean <= need:
+        return f"baseline mean {base_mean:.3g} at the ceiling {hi:g}: no room for a gain of {need:.3g}"
+    if alternative == "less" and base_mean - lo <= need:
+        return f"baseline mean {base_mean:.3g} at the floor {lo:g}: no room for a drop of {need:.3g}"
+    return ""
 
 
 # ---- bootstrap machinery -----------------------------------------------------------------
@@ -467,6 +563,8 @@ def paired_test(
     n_boot: int = 2000,
     seed: int = 0,
     method: str = "auto",
+    min_n: int = MIN_N,
+    bounds: tuple[float, float] | None = None,
 ) -> TestResult:
     """Paired test of `b` (e.g. knockout) against `a` (baseline) on the same samples.
 
@@ -475,13 +573,25 @@ def paired_test(
     zero handling); ``method`` forces "wilcoxon", "mcnemar" or "t". Effect: matched-pairs
     rank-biserial r (Cohen's dz in details). ``details["relative_change"]`` is
     ``mean(b - a) / mean(a)`` with its bootstrap CI, reported beside ``baseline_mean``: a
-    gain is always shown with its baseline. "greater" means b > a. Passes when p < alpha, the
-    CI of the difference clears `threshold` and, if given, the relative change's CI clears
-    `threshold_relative`.
+    gain is always shown with its baseline. "greater" means b > a. Passes when p < alpha and
+    the bootstrap p-values of the thresholds are below alpha: ``details["p_threshold"]`` for
+    H0 ``mean(d) <= threshold`` (the CI clears it) and, with `threshold_relative` r,
+    ``details["p_relative"]`` for H0 ``mean(b - (1 + r) a) <= 0``, the relative threshold in
+    linear form (no ratio of resampled means, which is undefined where they are 0).
+    `bounds` (e.g. (0, 1) for fidelity) makes a baseline at the floor or ceiling, which
+    leaves no room for the effect, untestable.
     """
     _check_alternative(alternative)
     _check_alpha(alpha)
-    a, b, n_nan = _clean_pairs(a, b)
+    a, b, n_nan = _clean_pairs(a, b, min_n=0)
+    name = _PAIRED_NAMES.get(method, "paired test")
+    short = _too_few(name, a.size, min_n, n_nan, alternative, threshold, alpha)
+    if short is not None:
+        return short
+    room = _room(float(a.mean()), threshold, threshold_relative, alternative, bounds)
+    if room:
+        return _untestable(name, room, a.size, alternative, threshold, alpha, estimate=float((b - a).mean()),
+                           n_nan=n_nan, baseline_mean=float(a.mean()))
     d = b - a
     if method == "auto":
         method = "mcnemar" if _is_binary(a, b) else "wilcoxon"
@@ -507,7 +617,21 @@ def _paired_result(
     n_nan: int,
 ) -> TestResult:
     rng = np.random.default_rng(seed)
-    diff_means, base_means = _bootstrap(rng, n_boot, [d.size], lambda i: (d[i].mean(axis=1), a[i].mean(axis=1)))
+    rel = 0.0 if threshold_relative is None else float(threshold_relative)
+    if alternative == "two-sided":
+        lin = (b - (1 + abs(rel)) * a, b - (1 - abs(rel)) * a)
+    else:
+        lin = (b - (1 + rel) * a, b - (1 + rel) * a)
+    diff_means, base_means, lin_hi, lin_lo = _bootstrap(
+        rng, n_boot, [d.size],
+        lambda i: (d[i].mean(axis=1), a[i].mean(axis=1), lin[0][i].mean(axis=1), lin[1][i].mean(axis=1)))
+    p_thr = _threshold_p(diff_means, threshold, alternative)
+    p_rel = math.nan
+    if threshold_relative is not None:
+        if alternative == "two-sided":
+            p_rel = min(_boot_p(lin_hi, 0.0, "greater"), _boot_p(lin_lo, 0.0, "less"))
+        else:
+            p_rel = _boot_p(lin_hi, 0.0, alternative)
     confidence = 1 - alpha
     lo, hi, _ = _percentile_ci(diff_means, confidence)
     est = float(d.mean())
@@ -516,10 +640,12 @@ def _paired_result(
         rel = est / base if base != 0 else math.nan
         rel_boot = np.where(base_means != 0, diff_means / np.where(base_means != 0, base_means, 1.0), np.nan)
     rel_lo, rel_hi, rel_bad = _percentile_ci(rel_boot, confidence)
-    passed = bool(p < alpha and _beyond(lo, hi, threshold, alternative, symmetric=True))
+    passed = bool(p < alpha and p_thr < alpha)
     if threshold_relative is not None:
-        passed = passed and _beyond(rel_lo, rel_hi, threshold_relative, alternative, symmetric=True)
+        passed = passed and bool(p_rel < alpha)
     details = {
+        "p_threshold": p_thr,
+        "p_relative": p_rel,
         "method": method,
         "n_nan": n_nan,
         "baseline_mean": base,
@@ -569,6 +695,7 @@ def independent_test(
     alpha: float = 0.05,
     n_boot: int = 2000,
     seed: int = 0,
+    min_n: int = MIN_N,
 ) -> TestResult:
     """Rank test of independent samples `x` (e.g. factual) against `y` (e.g. counterfactual).
 
@@ -576,13 +703,22 @@ def independent_test(
     p-value: Mann-Whitney U ("greater" means x tends to exceed y). Effect: rank-biserial
     ``r = 2 U / (n_x n_y) - 1`` (positive when x > y). ``details["relative_drop"]`` is
     ``(mean(x) - mean(y)) / mean(x)`` with its bootstrap CI, beside both means. Passes when
-    p < alpha, the difference's CI clears `threshold` and, if given, the relative drop's CI
-    clears `threshold_relative_drop`.
+    p < alpha, the difference's CI clears `threshold` and, if given, the relative drop r
+    holds in linear form: H0 ``(1 - r) mean(x) - mean(y) <= 0`` rejected by the bootstrap
+    (``details["p_relative"]``; no ratio of resampled means). Fewer than `min_n` values in
+    either sample, or mean(x) at 0 with a relative threshold, are untestable.
     """
     _check_alternative(alternative)
     _check_alpha(alpha)
-    xs, nan_x = _clean(x, "x")
-    ys, nan_y = _clean(y, "y")
+    xs, nan_x = _clean(x, "x", min_n=0)
+    ys, nan_y = _clean(y, "y", min_n=0)
+    if min(xs.size, ys.size) < min_n:
+        return _untestable("Mann-Whitney U", f"{xs.size} and {ys.size} scored values, fewer than the {min_n} "
+                           "per sample this test needs", xs.size + ys.size, alternative, threshold, alpha,
+                           n_nan=nan_x + nan_y, n_text=f"{xs.size}+{ys.size}")
+    if threshold_relative_drop is not None and xs.mean() <= 0:
+        return _untestable("Mann-Whitney U", f"mean(x) = {xs.mean():.3g}: a relative drop is undefined",
+                           xs.size + ys.size, alternative, threshold, alpha, n_text=f"{xs.size}+{ys.size}")
     res = sps.mannwhitneyu(xs, ys, alternative=alternative)
     u = float(res.statistic)
     r = 2 * u / (xs.size * ys.size) - 1
@@ -595,10 +731,20 @@ def independent_test(
     drop = (mx - my) / mx if mx != 0 else math.nan
     drop_b = np.where(mx_b != 0, diff_b / np.where(mx_b != 0, mx_b, 1.0), np.nan)
     d_lo, d_hi, d_bad = _percentile_ci(drop_b, confidence)
-    passed = bool(res.pvalue < alpha and _beyond(lo, hi, threshold, alternative, symmetric=True))
+    p_thr = _threshold_p(diff_b, threshold, alternative)
+    passed = bool(res.pvalue < alpha and p_thr < alpha)
+    p_rel = math.nan
     if threshold_relative_drop is not None:
-        passed = passed and _beyond(d_lo, d_hi, threshold_relative_drop, alternative, symmetric=True)
+        rd = float(threshold_relative_drop)
+        if alternative == "two-sided":
+            p_rel = min(_boot_p((1 - abs(rd)) * mx_b - my_b, 0.0, "greater"),
+                        _boot_p((1 + abs(rd)) * mx_b - my_b, 0.0, "less"))
+        else:
+            p_rel = _boot_p((1 - rd) * mx_b - my_b, 0.0, alternative)
+        passed = passed and bool(p_rel < alpha)
     details = {
+        "p_threshold": p_thr,
+        "p_relative": p_rel,
         "method": "mannwhitneyu",
         "u": u,
         "n_x": int(xs.size),
@@ -642,20 +788,28 @@ def independent_test(
 
 
 def tost_paired(
-    a: Any, b: Any, margin: float, alpha: float = 0.05, *, n_boot: int = 2000, seed: int = 0
+    a: Any, b: Any, margin: float, alpha: float = 0.05, *, n_boot: int = 2000, seed: int = 0, min_n: int = MIN_N
 ) -> TestResult:
     """Equivalence of paired samples: is the mean of ``b - a`` within ``±margin``?
 
     Two one-sided paired t-tests (H0: mean <= -margin; H0: mean >= +margin); the p-value is
     the larger of the two. As a nonparametric check the percentile bootstrap CI at level
     ``1 - 2 alpha`` (the interval TOST corresponds to) must also lie inside the margin.
-    Passes when both hold. Used for "barely moves" claims.
+    Passes when both hold. Used for "barely moves" claims. Identical differences (e.g. a
+    model that ignores the blocked input, so nothing ever changes) are untestable: with no
+    variation there is no evidence of equivalence, only of indifference.
     """
     _check_alpha(alpha)
     if not margin > 0:
         raise ValueError(f"margin must be > 0, got {margin}")
-    a, b, n_nan = _clean_pairs(a, b, min_n=2)
+    a, b, n_nan = _clean_pairs(a, b, min_n=0)
+    short = _too_few("TOST paired t", a.size, max(min_n, 2), n_nan, "equivalence", float(margin), alpha)
+    if short is not None:
+        return short
     d = b - a
+    if np.all(d == d[0]):
+        return _untestable("TOST paired t", f"all {d.size} differences equal {d[0]:.3g}: no variation to test "
+                           "equivalence with", d.size, "equivalence", float(margin), alpha, estimate=float(d[0]))
     n = d.size
     m = float(d.mean())
     sd = float(d.std(ddof=1))
@@ -731,6 +885,25 @@ def holm(p_values: Any) -> np.ndarray:
     return out
 
 
+def union_p(result: TestResult) -> float:
+    """A result's p-value as a member of a family tested for "some member has the effect
+    beyond its threshold": the largest of its p against no effect, against the threshold and
+    against the relative threshold (each must reject); NaN when it is untestable."""
+    if result.untestable:
+        return math.nan
+    d = result.details
+    ps = [result.p_value, d.get("p_threshold", 0.0)]
+    if d.get("threshold_relative") is not None or d.get("threshold_relative_drop") is not None:
+        ps.append(d.get("p_relative", math.nan))
+    return float(max(ps))
+
+
+def holm_union(results: Sequence[TestResult]) -> np.ndarray:
+    """Holm-adjusted `union_p` of each result: a member passes the family at level alpha when
+    its adjusted value is below alpha (untestable members are left out of the family)."""
+    return holm([union_p(r) for r in results])
+
+
 def sweep_test(
     baseline: Any,
     per_window: Sequence[Any],
@@ -743,13 +916,20 @@ def sweep_test(
     n_boot: int = 2000,
     seed: int = 0,
     method: str = "auto",
+    min_n: int = MIN_N,
+    bounds: tuple[float, float] | None = None,
 ) -> SweepResult:
-    """Paired test of each window's scores against `baseline`, Holm-corrected across windows.
+    """Paired test of each window's scores against `baseline`, corrected for choosing among
+    the windows.
 
-    Each window gets `paired_test` (same seed, so the bootstrap resamples are shared when no
-    NaN differ); its `passed` is then re-judged with the Holm-adjusted p-value, stored in
-    ``details["p_holm"]`` (the raw p stays in `p_value`). The result says which windows pass:
-    where in depth the effect sits.
+    Each window gets `paired_test` (same seed). Its p-value for the sweep is the largest of
+    its p against no effect, against the threshold (H0 ``effect <= threshold``) and against
+    the relative threshold: a window passes only when all three reject, so the union over
+    windows (some window has the effect beyond the threshold) is tested with Holm over
+    ``max(p)`` at level alpha; ``details["p_holm"]`` holds the adjusted value (the raw p
+    against zero stays in `p_value`). A window that cannot be tested (no scored pair, too
+    few, no room) is left out of the family. The result says which windows pass: where in
+    depth the effect sits.
     """
     if len(per_window) == 0:
         raise ValueError("per_window is empty: nothing to sweep")
@@ -759,25 +939,15 @@ def sweep_test(
         raise ValueError(f"{len(labels)} labels for {len(per_window)} windows")
     raw = [
         paired_test(
-            baseline,
-            w,
-            alternative,
-            threshold,
-            threshold_relative=threshold_relative,
-            alpha=alpha,
-            n_boot=n_boot,
-            seed=seed,
-            method=method,
+            baseline, w, alternative, threshold, threshold_relative=threshold_relative, alpha=alpha,
+            n_boot=n_boot, seed=seed, method=method, min_n=min_n, bounds=bounds,
         )
         for w in per_window
     ]
-    adj = holm([r.p_value for r in raw])
+    adj = holm_union(raw)
     results = []
     for r, pa, lab in zip(raw, adj, labels):
-        ok = bool(pa < alpha and _beyond(r.ci_low, r.ci_high, threshold, alternative, symmetric=True))
-        if threshold_relative is not None:
-            lo, hi = r.details["relative_ci"]
-            ok = ok and _beyond(lo, hi, threshold_relative, alternative, symmetric=True)
+        ok = bool(not r.untestable and pa < alpha)
         results.append(replace(r, passed=ok, details={**r.details, "p_holm": float(pa), "window": str(lab)}))
     return SweepResult(
         labels=tuple(str(x) for x in labels),
@@ -801,18 +971,31 @@ def one_sample_test(
     n_boot: int = 2000,
     seed: int = 0,
     test: str = "t",
+    min_n: int = MIN_N,
 ) -> TestResult:
     """Is the mean of `x` above / below / different from the fixed value `threshold`?
 
     Estimate: mean with a bootstrap CI. p-value: one-sample t-test of the mean (default:
     the claim is about the mean, and with many values the t-test is robust), or
-    ``test="wilcoxon"`` (signed-rank on ``x - threshold``: about the pseudo-median). Effect:
-    Cohen's d of ``x - threshold``. Passes when p < alpha and the CI clears `threshold`.
+    ``test="wilcoxon"`` (signed-rank on ``x - threshold``: about the pseudo-median), or
+    ``test="bootstrap-t"`` (studentized bootstrap of the mean: holds its size on skewed data
+    such as per-clip KL, where the t-test does not). Effect: Cohen's d of ``x - threshold``.
+    Passes when p < alpha and the CI clears `threshold`. Fewer than `min_n` values, or
+    identical values, are untestable.
     """
     _check_alternative(alternative)
     _check_alpha(alpha)
-    xs, n_nan = _clean(x, "x", min_n=2)
+    xs, n_nan = _clean(x, "x", min_n=0)
+    label = {"t": "one-sample t", "wilcoxon": "Wilcoxon signed-rank", "bootstrap-t": "bootstrap-t"}.get(test, test)
+    short = _too_few(label, xs.size, max(min_n, 2), n_nan, alternative, float(threshold), alpha)
+    if short is not None:
+        return short
+    if np.all(xs == xs[0]):
+        return _untestable(label, f"all {xs.size} values equal {xs[0]:.3g}: no variation to test with", xs.size,
+                           alternative, float(threshold), alpha, estimate=float(xs[0]), n_nan=n_nan)
     dev = xs - threshold
+    if test == "bootstrap-t":
+        return _bootstrap_t(xs, threshold, alternative, alpha, n_boot, seed, n_nan)
     if test == "t":
         p, info = _paired_p(dev, alternative, "t")
         name = "one-sample t"
@@ -820,7 +1003,7 @@ def one_sample_test(
         p, info = _paired_p(dev, alternative, "wilcoxon")
         name = "Wilcoxon signed-rank"
     else:
-        raise ValueError(f"test must be 't' or 'wilcoxon', got {test!r}")
+        raise ValueError(f"test must be 't', 'wilcoxon' or 'bootstrap-t', got {test!r}")
     rng = np.random.default_rng(seed)
     boot = _bootstrap(rng, n_boot, [xs.size], lambda i: xs[i].mean(axis=1))
     confidence = 1 - alpha
@@ -843,8 +1026,72 @@ def one_sample_test(
     )
 
 
+def _bootstrap_t(xs: np.ndarray, threshold: float, alternative: str, alpha: float, n_boot: int, seed: int,
+                 n_nan: int) -> TestResult:
+    """Studentized bootstrap test of the mean against `threshold` (see `one_sample_test`)."""
+    n = xs.size
+    m, se = float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(n))
+    rng = np.random.default_rng(seed)
+    means, sds = _bootstrap(rng, n_boot, [n], lambda i: (xs[i].mean(axis=1), xs[i].std(axis=1, ddof=1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tstar = (means - m) / (sds / math.sqrt(n))
+    tstar = tstar[np.isfinite(tstar)]
+    t_obs = (m - threshold) / se
+    # the bootstrap distribution of the studentized mean stands in for its null distribution
+    p_gt = (np.sum(tstar >= t_obs) + 1) / (tstar.size + 1)
+    p_lt = (np.sum(tstar <= t_obs) + 1) / (tstar.size + 1)
+    p = {"greater": p_gt, "less": p_lt, "two-sided": min(1.0, 2 * min(p_gt, p_lt))}[alternative]
+    q = alpha / 2
+    t_lo, t_hi = np.quantile(tstar, [q, 1 - q])
+    lo, hi = m - t_hi * se, m - t_lo * se  # the bootstrap-t interval
+    return TestResult(
+        name="bootstrap-t", estimate=m, ci_low=float(lo), ci_high=float(hi), p_value=float(p), n=int(n),
+        effect_size=_cohen_dz(xs - threshold), effect_name="Cohen's d", threshold=float(threshold),
+        alternative=alternative,
+        passed=bool(p < alpha and _beyond(float(lo), float(hi), threshold, alternative, symmetric=False)),
+        details={"n_nan": n_nan, "alpha": alpha, "n_boot": n_boot, "seed": seed},
+        estimate_name="mean", confidence=1 - alpha,
+    )
+
+
+def cluster_proportion_test(
+    k: Any, n: Any, p0: float, alternative: str = "greater", *, alpha: float = 0.05, n_boot: int = 2000,
+    seed: int = 0, min_n: int = MIN_N,
+) -> TestResult:
+    """A proportion over items grouped in clusters (tokens within clips): `k[i]` of `n[i]`
+    items of cluster i. Estimate ``sum(k) / sum(n)``; CI and p-value from resampling whole
+    clusters (items of one clip are not independent). Passes when the bootstrap p of
+    H0 "proportion on the wrong side of p0" is below alpha (the CI clears p0). Fewer than
+    `min_n` clusters with items are untestable."""
+    _check_alternative(alternative)
+    _check_alpha(alpha)
+    k, n = _as_1d(k, "k"), _as_1d(n, "n")
+    if k.shape != n.shape or np.any(k < 0) or np.any(k > n):
+        raise ValueError("need 0 <= k[i] <= n[i] per cluster")
+    keep = n > 0
+    k, n = k[keep], n[keep]
+    if k.size < min_n:
+        return _untestable("cluster bootstrap", f"{k.size} clips with items, fewer than the {min_n} this test needs",
+                           int(k.size), alternative, float(p0), alpha)
+    est = float(k.sum() / n.sum())
+    rng = np.random.default_rng(seed)
+    boot = _bootstrap(rng, n_boot, [k.size], lambda i: k[i].sum(axis=1) / n[i].sum(axis=1))
+    lo, hi, _ = _percentile_ci(boot, 1 - alpha)
+    p = _threshold_p(boot, p0, alternative) if alternative != "two-sided" else min(
+        _boot_p(boot, p0, "greater"), _boot_p(boot, p0, "less"))
+    h = 2 * math.asin(math.sqrt(est)) - 2 * math.asin(math.sqrt(p0))
+    return TestResult(
+        name="cluster bootstrap", estimate=est, ci_low=lo, ci_high=hi, p_value=float(p), n=int(k.size),
+        effect_size=h, effect_name="Cohen's h", threshold=float(p0), alternative=alternative,
+        passed=bool(p < alpha), details={"items": int(n.sum()), "n_text": f"{k.size} clips, {int(n.sum())} items",
+                                         "alpha": alpha, "n_boot": n_boot, "seed": seed},
+        estimate_name="proportion", confidence=1 - alpha,
+    )
+
+
 def proportion_test(
-    k: int, n: int, p0: float, alternative: str = "two-sided", *, alpha: float = 0.05, ci_method: str = "wilson"
+    k: int, n: int, p0: float, alternative: str = "two-sided", *, alpha: float = 0.05, ci_method: str = "wilson",
+    min_n: int = 1,
 ) -> TestResult:
     """Exact binomial test of a proportion ``k / n`` against `p0`.
 
@@ -862,6 +1109,9 @@ def proportion_test(
     if ci_method not in methods:
         raise ValueError(f"ci_method must be one of {sorted(methods)}, got {ci_method!r}")
     k, n = int(k), int(n)
+    if n < min_n:
+        return _untestable("exact binomial", f"{n} items, fewer than the {min_n} this test needs", n, alternative,
+                           float(p0), alpha)
     res = sps.binomtest(k, n, p0, alternative=alternative)
     # two-sided CI whatever the alternative (scipy's follows the alternative), as everywhere here
     two = res if alternative == "two-sided" else sps.binomtest(k, n, p0)
@@ -959,4 +1209,7 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor, dim: int = -1) -> torc
     lq = torch.log_softmax(logq.to(dtype), dim=dim)
     p = lp.exp()
     terms = torch.where(p > 0, p * (lp - lq), torch.zeros((), dtype=dtype, device=lp.device))
-    return terms.sum(dim=dim)
+    out = terms.sum(dim=dim)
+    # a distribution with no finite log-probability is no distribution: NaN, not 0
+    dead = ~torch.isfinite(logp.to(dtype)).any(dim=dim) | ~torch.isfinite(logq.to(dtype)).any(dim=dim)
+    return torch.where(dead, torch.full_like(out, math.nan), out)

@@ -124,7 +124,7 @@ def test_ci_contains_estimate(xs: list[float], seed: int) -> None:
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=60), st.sampled_from(S.ALTERNATIVES))
 def test_paired_identical_arrays_show_no_effect(xs: list[float], alt: str) -> None:
     a = np.array(xs)
-    r = S.paired_test(a, a.copy(), alt, n_boot=100)
+    r = S.paired_test(a, a.copy(), alt, n_boot=100, min_n=1)
     assert r.estimate == 0 and r.ci_low == 0 and r.ci_high == 0
     assert r.p_value == 1.0 and r.effect_size == 0 and r.passed is False
 
@@ -417,3 +417,111 @@ def test_kl_divergence() -> None:
     assert S.kl_divergence(p, q).item() == pytest.approx(math.log(2))
     assert math.isinf(S.kl_divergence(q, p).item())
     assert S.kl_divergence(lp.half(), lq.half()).dtype == torch.float32
+
+
+# ---- size under the null, degenerate data (issue: verdicts you can trust) ----------------
+
+
+def test_degenerate_data_are_untestable_not_passed() -> None:
+    r = S.one_sample_test([0.9, 0.9], 0.5, "greater")
+    assert r.passed is False and "fewer than the 10" in r.untestable
+    r = S.one_sample_test([0.9] * 30, 0.5, "greater")
+    assert r.passed is False and "no variation" in r.untestable
+    assert S.paired_test([0.1], [0.9], "greater").untestable
+    assert "no variation" in S.tost_paired(np.zeros(50), np.zeros(50), 0.1).untestable
+    assert "no variation" in S.tost_paired(np.full(50, 0.3), np.full(50, 0.35), 0.1).untestable
+    assert "untestable" in S.tost_paired(np.zeros(50), np.zeros(50), 0.1).summary()
+
+
+def test_a_baseline_at_the_floor_or_ceiling_leaves_no_room() -> None:
+    rng = np.random.default_rng(0)
+    floor = np.zeros(100)
+    floor[:2] = 0.1
+    up = np.clip(floor + rng.random(100) * 0.5, 0, 1)
+    r = S.paired_test(floor, up, "greater", threshold_relative=0.25, bounds=(0, 1))
+    assert r.passed is False and "a relative change is undefined" in r.untestable  # not "+5300%"
+    r = S.paired_test(floor, floor * 0, "less", threshold=-0.05, bounds=(0, 1))
+    assert "no room for a drop" in r.untestable
+    top = np.ones(100)
+    assert "at the ceiling" in S.paired_test(top, top, "greater", threshold=0.1, bounds=(0, 1)).untestable
+    # mid-range: testable, and the relative threshold is judged in linear form
+    base = rng.random(200) * 0.5 + 0.2
+    r = S.paired_test(base, base * 1.5 + rng.normal(0, 0.05, 200), "greater", threshold_relative=0.25, bounds=(0, 1))
+    assert not r.untestable and r.passed and r.details["p_relative"] < 0.05
+
+
+def _old_sweep_passes(base, windows, threshold):
+    """The rule before the fix: Holm on the p against 0, then each window's CI against the
+    threshold at the uncorrected level; the sweep passes if any window does."""
+    raw = [S.paired_test(base, w, "greater", threshold, n_boot=300, min_n=1) for w in windows]
+    adj = S.holm([r.p_value for r in raw])
+    return any(pa < 0.05 and r.ci_low > threshold for r, pa in zip(raw, adj))
+
+
+def test_sweep_holds_its_size_with_every_window_at_the_threshold() -> None:
+    """8 windows, each with its mean gain exactly at the threshold: selecting the best
+    window must not pass more than alpha (+ Monte-Carlo error) of the time."""
+    reps, t = 120, 0.05
+    new = old = 0
+    for seed in range(reps):
+        rng = np.random.default_rng(seed)
+        base = rng.random(100)
+        windows = [base + t + rng.normal(0, 0.15, 100) for _ in range(8)]
+        new += S.sweep_test(base, windows, "greater", threshold=t, n_boot=300, seed=seed).union_result().passed
+        old += _old_sweep_passes(base, windows, t)
+    assert new / reps <= 0.05 + 2 * (0.05 * 0.95 / reps) ** 0.5, new
+    assert old / reps > 0.10, old  # the old rule: inflated (the bug this guards against)
+
+
+def test_sweep_leaves_an_unscored_window_out() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.random(80)
+    windows = [base + 0.3 + rng.normal(0, 0.05, 80), np.full(80, np.nan), base + rng.normal(0, 0.05, 80)]
+    sw = S.sweep_test(base, windows, "greater", labels=["a", "b", "c"], n_boot=200)
+    assert sw.where == ("a",) and sw.results[1].untestable and np.isnan(sw.p_adjusted[1])
+    assert sw.union_result().passed and not sw.untestable
+
+
+def test_bootstrap_t_holds_its_size_on_skewed_kl() -> None:
+    """Per-clip KL is right-skewed: at the threshold the studentized bootstrap stays near
+    alpha where the one-sample t-test does not."""
+    reps, n, thr, sigma = 300, 50, 0.5, 1.2
+    mu = np.log(thr) - sigma**2 / 2  # lognormal with mean exactly thr
+    boot = t_test = 0
+    for seed in range(reps):
+        x = np.random.default_rng(seed).lognormal(mu, sigma, n)
+        boot += S.one_sample_test(x, thr, "less", test="bootstrap-t", n_boot=400, seed=seed).passed
+        t_test += S.one_sample_test(x, thr, "less", n_boot=50).passed
+    assert boot / reps <= 0.05 + 2 * (0.05 * 0.95 / reps) ** 0.5, boot
+    assert t_test > boot
+
+
+def test_cluster_proportion_resamples_clips() -> None:
+    rng = np.random.default_rng(2)
+    p = rng.beta(2, 2, 60)  # each clip its own rate: tokens of a clip are not independent
+    n = np.full(60, 20)
+    k = rng.binomial(n, p)
+    c = S.cluster_proportion_test(k, n, 0.4, "greater", n_boot=500)
+    b = S.proportion_test(int(k.sum()), int(n.sum()), 0.4, "greater")
+    assert c.estimate == pytest.approx(b.estimate)
+    assert (c.ci_high - c.ci_low) > 1.5 * (b.ci_high - b.ci_low)
+    assert "fewer than the 10" in S.cluster_proportion_test(k[:5], n[:5], 0.4).untestable
+
+
+def test_kl_divergence_of_no_distribution_is_nan() -> None:
+    import torch
+
+    x = torch.full((2, 5), -torch.inf)
+    assert torch.isnan(S.kl_divergence(x, torch.zeros(2, 5))).all()
+    assert S.kl_divergence(torch.zeros(5), torch.zeros(5)).item() == pytest.approx(0.0)
+
+
+def test_an_untestable_part_skips_the_claim() -> None:
+    from avprobe.claim import ClaimCheck, ClaimSkipped
+
+    recorded: list[str] = []
+    claim = ClaimCheck({"id": "x", "statement": "s"}, model="m", record=recorded.append)
+    with pytest.raises(ClaimSkipped):
+        claim.check({"a": S.one_sample_test(np.full(20, 0.7), 0.5, "greater"),
+                     "b": S.one_sample_test(np.linspace(0.6, 0.9, 20), 0.5, "greater")})
+    assert claim.outcome.status == "skipped" and "no variation" in claim.outcome.skip_reason

@@ -128,6 +128,7 @@ class ClaimCheck:
         self.alpha = float(cfg.get("alpha", 0.05))
         self.n_boot = int(cfg.get("n_boot", 2000))
         self.seed = int(cfg.get("seed", 0))
+        self.min_n = int(cfg.get("min_n", 10))
         self.notes: list[str] = []
         self.data: dict[str, Any] = {}
         self.outcome: ClaimOutcome | None = None  # the last recorded one
@@ -143,7 +144,7 @@ class ClaimCheck:
 
     @property
     def stats_kw(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "n_boot": self.n_boot, "seed": self.seed}
+        return {"alpha": self.alpha, "n_boot": self.n_boot, "seed": self.seed, "min_n": self.min_n}
 
     def band(self, n_layers: int, key: str = "band") -> tuple[int, ...]:
         """The layers of the depth band this claim names under `key` in claims.toml (a name of
@@ -195,6 +196,13 @@ class ClaimCheck:
             raise ValueError(f"require must be 'all' or 'any', got {require!r}")
         if not results:
             raise ValueError(f"claim {self.id}: no results to check")
+        # Data that cannot test a part (too few clips, no variation, no room) skip the claim:
+        # it never passes without its test, and it is not an error.
+        blocked = {name: r.untestable for name, r in results.items() if r.untestable}
+        if blocked and (require == "all" or len(blocked) == len(results)):
+            name, why = next(iter(blocked.items()))
+            self.skip(f"untestable: {name}: {why}")
+            raise ClaimSkipped(why)  # on_skip returned (it should not): never record a verdict
         parts = [part(name, r) for name, r in results.items()]
         flags = [bool(r.passed) for r in results.values()]
         passed = all(flags) if require == "all" else any(flags)

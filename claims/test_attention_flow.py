@@ -13,10 +13,13 @@ from avprobe.types import Role
 
 
 def _share(evidence, claim, role, key):
+    """Per clip (its caption orders averaged: they are not independent samples): the role's
+    share in the band; and the mean share per layer and role."""
     recs = evidence.select(modality="audio-video")
     flow = evidence.flow(recs)  # [N, L, R]
     layers = list(claim.band(evidence.n_layers, key))
-    return flow[:, layers, int(role)].mean(1), flow.mean(0), layers
+    _, per_clip = evidence.clip_means(recs, flow[:, layers, int(role)].mean(1))
+    return per_clip, flow.mean(0), layers
 
 
 @pytest.mark.claim("audio_attention_early")

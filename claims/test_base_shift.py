@@ -10,7 +10,7 @@ The AV model's caption is teacher-forced through the base (video and query, no a
 import numpy as np
 import pytest
 
-from avprobe.stats import independent_test, one_sample_test, proportion_test
+from avprobe.stats import cluster_proportion_test, one_sample_test, paired_test
 
 
 def _with_shift(evidence, claim, kind=None):
@@ -23,41 +23,58 @@ def _with_shift(evidence, claim, kind=None):
 
 @pytest.mark.claim("base_shift_small")
 def test_base_shift_small(evidence, claim):
-    recs = _with_shift(evidence, claim)
-    per_sample = np.array([r.arrays["shift_kl"].astype(float).mean() for r in recs if len(r.arrays["shift_kl"])])
-    claim.check(one_sample_test(per_sample, claim["max_mean_kl"], "less", **claim.stats_kw))
+    recs = [r for r in _with_shift(evidence, claim) if len(r.arrays["shift_kl"])]
+    # Per clip: mean KL over its caption tokens and caption orders (one value per clip).
+    _, per_clip = evidence.clip_means(recs, [r.arrays["shift_kl"].astype(float).mean() for r in recs])
+    # KL is right-skewed: the studentized bootstrap holds its size where a t-test does not.
+    claim.check(one_sample_test(per_clip, claim["max_mean_kl"], "less", test="bootstrap-t", **claim.stats_kw))
+
+
+def _per_clip_tokens(evidence, recs, *arrays):
+    """clip id -> per array, the audio-event token values of all the clip's records."""
+    out: dict[str, list[list[float]]] = {}
+    for r in recs:
+        m = evidence.audio_token_mask(r)
+        row = out.setdefault(r.sample_id, [[] for _ in arrays])
+        for acc, name in zip(row, arrays):
+            acc.extend(r.arrays[name][: len(m)][m].astype(float).tolist())
+    return out
 
 
 @pytest.mark.claim("audio_tokens_unshifted")
 def test_audio_tokens_unshifted(evidence, claim):
     recs = _with_shift(evidence, claim)
-    top1, top3 = [], []
-    for r in recs:
-        m = evidence.audio_token_mask(r)
-        top1.extend(r.arrays["shift_top1_same"][: len(m)][m].tolist())
-        top3.extend(r.arrays["shift_in_top3"][: len(m)][m].tolist())
-    if not top1:
+    clips = _per_clip_tokens(evidence, recs, "shift_top1_same", "shift_in_top3")
+    n = np.array([len(v[0]) for v in clips.values()], dtype=float)
+    if not n.sum():
         claim.skip("no audio-event tokens found in the captions (no hearing clause)")
-    n = len(top1)
-    claim.data = {"top1_same": float(np.mean(top1)), "in_top3": float(np.mean(top3)), "n_tokens": n}
+    k1 = np.array([sum(v[0]) for v in clips.values()], dtype=float)
+    k3 = np.array([sum(v[1]) for v in clips.values()], dtype=float)
+    claim.data = {"top1_same": float(k1.sum() / n.sum()), "in_top3": float(k3.sum() / n.sum()),
+                  "n_tokens": int(n.sum()), "n_clips": int((n > 0).sum())}
+    # Tokens of one clip are not independent: clips are resampled (cluster bootstrap).
+    kw = claim.stats_kw
     claim.check({
-        "same top-1": proportion_test(int(np.sum(top1)), n, claim["min_top1_same"], "greater", alpha=claim.alpha),
-        "within top-3": proportion_test(int(np.sum(top3)), n, claim["min_in_top3"], "greater", alpha=claim.alpha),
+        "same top-1": cluster_proportion_test(k1, n, claim["min_top1_same"], "greater", **kw),
+        "within top-3": cluster_proportion_test(k3, n, claim["min_in_top3"], "greater", **kw),
     })
 
 
 @pytest.mark.claim("correct_audio_tokens_shift")
 def test_correct_audio_tokens_shift(evidence, claim):
     recs = _with_shift(evidence, claim, kind="counterfactual")
-    right, wrong = [], []
+    right: dict[str, list[float]] = {}
+    wrong: dict[str, list[float]] = {}
     for r in recs:
         m = evidence.audio_token_mask(r)
         ok = evidence.audio_token_names_truth(r)[: len(m)]
         kl = r.arrays["shift_kl"][: len(m)].astype(float)
-        right.extend(kl[m & ok].tolist())
-        wrong.extend(kl[m & ~ok].tolist())
-    if len(right) < 3 or len(wrong) < 3:
-        claim.skip(f"too few audio tokens to compare: {len(right)} name the true sound, {len(wrong)} do not")
-    claim.data = {"kl_correct": float(np.mean(right)), "kl_other": float(np.mean(wrong)),
-                  "n_correct": len(right), "n_other": len(wrong)}
-    claim.check(independent_test(np.array(right), np.array(wrong), "greater", **claim.stats_kw))
+        right.setdefault(r.sample_id, []).extend(kl[m & ok].tolist())
+        wrong.setdefault(r.sample_id, []).extend(kl[m & ~ok].tolist())
+    # Per clip, the clips that have both kinds of audio token: mean KL of each (paired).
+    both = sorted(c for c in right if right[c] and wrong[c])
+    a = np.array([np.mean(wrong[c]) for c in both])
+    b = np.array([np.mean(right[c]) for c in both])
+    claim.data = {"kl_correct": float(b.mean()) if both else None, "kl_other": float(a.mean()) if both else None,
+                  "n_clips": len(both)}
+    claim.check(paired_test(a, b, "greater", **claim.stats_kw))

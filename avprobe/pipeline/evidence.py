@@ -107,6 +107,26 @@ class Evidence:
             out.append(r)
         return sorted(out, key=lambda r: r.sample_id)
 
+    @staticmethod
+    def clip_means(records: Iterable[SampleRecord], values: Iterable[Any]) -> tuple[list[str], np.ndarray]:
+        """(clip ids, per-clip mean over its records) for one value per record (the axis
+        after the first is kept): the clip, not the query, is the unit of a test, since the
+        caption orders of one clip are not independent samples. NaN values are left out of
+        a clip's mean; a clip with none is NaN."""
+        groups: dict[str, list[Any]] = {}
+        for r, v in zip(records, values, strict=True):
+            groups.setdefault(r.sample_id, []).append(np.asarray(v, dtype=float))
+        ids = sorted(groups)
+        out = []
+        for i in ids:
+            stack = np.stack(groups[i])
+            with np.errstate(invalid="ignore"):
+                ok = np.isfinite(stack)
+                n = ok.sum(0)
+                total = np.where(ok, stack, 0.0).sum(0)
+                out.append(np.where(n > 0, total / np.maximum(n, 1), np.nan))
+        return ids, np.array(out, dtype=float)
+
     def condition_keys(self) -> list[dict[str, Any]]:
         return self.records[0].conditions if self.records else []
 
@@ -151,6 +171,26 @@ class Evidence:
         vocab = rec.meta["vocab"]
         sel = np.unique(ids[list(layers)])
         return any(normalize_token(vocab.get(str(int(i)), "")) in concepts for i in sel)
+
+    def lens_concept(self, rec: SampleRecord, layers: Iterable[int]) -> str | None:
+        """The lens's dominant concept of a record: the content word decoded most often as
+        the top-1 token over its audio positions in `layers` (ties: the first in sorted
+        order), or None. One concept per clip, fixed before any truth is looked at, so the
+        hit rate at chance is about one over the number of concepts (a top-k-anywhere rule
+        saturates: 0.73 at chance on the organism)."""
+        ids = rec.arrays.get("lens_top_ids")
+        if ids is None or ids.size == 0:
+            return None
+        vals, counts = np.unique(ids[list(layers), :, 0], return_counts=True)
+        vocab = rec.meta["vocab"]
+        tally: dict[str, int] = {}
+        for v, c in zip(vals.tolist(), counts.tolist()):
+            w = normalize_token(vocab.get(str(int(v)), ""))
+            if w and w not in STOPWORDS and len(w) >= 3:
+                tally[w] = tally.get(w, 0) + c
+        if not tally:
+            return None
+        return min(tally, key=lambda w: (-tally[w], w))
 
     def lens_top_tokens(self, rec: SampleRecord, layer: int, n: int = 8) -> list[tuple[str, int]]:
         """Most frequent top-1 lens tokens over the audio positions at one layer."""

@@ -275,8 +275,12 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def _claim_table(outcomes: list[ClaimOutcome], order: dict[str, int]) -> str:
     if not outcomes:
         return '<p class="missing">No claim outcomes were recorded for this model.</p>'
+    from avprobe.calibration import load_summary
+
+    calibration = load_summary()
     rows = []
     for o in _sorted(outcomes, order):
+        calib = calibration.get(o.claim_id, "—")
         if o.status == "skipped":
             measured = f'<span class="skip-reason">{escape(o.skip_reason or "skipped")}</span>'
             p = eff = n = "—"
@@ -290,7 +294,8 @@ def _claim_table(outcomes: list[ClaimOutcome], order: dict[str, int]) -> str:
         rows.append(
             f'<tr class="row-{escape(o.status)}"><td>{_verdict(o.status)}</td>'
             f'<td><span class="cid">{escape(o.claim_id)}</span>{model}<div class="stmt">{escape(o.statement)}</div>'
-            f'<span class="fig-ref">{escape(o.figure)}</span>{detail}</td>'
+            f'<span class="fig-ref">{escape(o.figure)}</span>'
+            f'<div class="fig-ref">calibration: {escape(calib)}</div>{detail}</td>'
             f"<td>{escape(o.scope)}</td><td>{escape(o.paper_value)}</td><td class=\"num\">{measured}</td>"
             f'<td class="num">{p}</td><td>{eff}</td><td class="num">{n}</td></tr>')
     return ("<table><thead><tr><th>Verdict</th><th>Claim</th><th>Scope</th><th>Paper</th>"

@@ -159,7 +159,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     s = _session(config)
     outcomes = s.collected_outcomes(terminalreporter)
+    report = config.getoption("report")
     if not outcomes:
+        if report and s.active:
+            # every claim errored before recording a verdict: say so where the report was asked for
+            from avprobe.report.html import write_report
+
+            path = write_report(Path(report), [], {})
+            terminalreporter.write_line(f"avprobe: no claim recorded a verdict (see the errors above); "
+                                        f"report written to {path}")
         return
     from avprobe.report.terminal import summary_table
 
@@ -168,7 +176,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if s.opt("verdicts") and not hasattr(config, "workerinput"):
         for line in s.write_verdicts(outcomes):
             terminalreporter.write_line(line)
-    report = config.getoption("report")
     if report:
         from avprobe.report.html import write_report
 

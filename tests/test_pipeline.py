@@ -93,3 +93,27 @@ def test_claim_object_outside_pytest_resolves_bands_records_and_skips():
     bad = ClaimCheck({**table["video_attention_late"], "band": "paper-middle"})
     with pytest.raises(ValueError, match="unknown depth band 'paper-middle'"):
         bad.band(36)
+
+
+def test_bad_dtype_is_refused_before_any_work(tmp_path):
+    samples, _ = load_samples("organism", limit=2)
+    with pytest.raises(ValueError, match="not a torch floating dtype"):
+        gather(ref("organism"), samples, Store(tmp_path / "s"), _protocol("organism"), dtype="bogus",
+               progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Protocol(max_new_tokens=0)
+
+
+def test_a_stale_shard_summary_of_another_run_is_not_merged(tmp_path):
+    import json
+
+    from avprobe.pipeline.cli import Shard, _merge_parts, _part_path
+    from avprobe.pipeline.gather import CollectCounts
+
+    out = tmp_path / "summary.json"
+    for rank, run, computed in ((0, "new", 3), (1, "old", 99)):
+        c = CollectCounts(samples=3, computed=computed)
+        _part_path(out, Shard(rank, 2)).write_text(json.dumps({"run": {"run_id": run}, "counts": c.to_json()}))
+    total, missing = _merge_parts(out, 2, since=0.0, timeout=0.6, run_id="new")
+    assert missing == [1] and total.computed == 3
+

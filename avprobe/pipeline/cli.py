@@ -175,8 +175,10 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _merge_parts(path: Path, world: int, since: float, timeout: float) -> tuple[Any, list[int]]:
-    """Wait for every shard's summary written after `since`; -> merged counts, missing ranks."""
+def _merge_parts(path: Path, world: int, since: float, timeout: float,
+                 run_id: str | None = None) -> tuple[Any, list[int]]:
+    """Wait for every shard's summary of this run (its `run_id` where the launcher gives one,
+    else written after `since`); -> merged counts, missing ranks."""
     from avprobe.pipeline.gather import CollectCounts
 
     deadline = time.monotonic() + timeout
@@ -186,7 +188,10 @@ def _merge_parts(path: Path, world: int, since: float, timeout: float) -> tuple[
             p = _part_path(path, Shard(r, world))
             if r not in parts and p.is_file() and p.stat().st_mtime >= since:
                 try:
-                    parts[r] = CollectCounts.from_json(json.loads(p.read_text())["counts"])
+                    doc = json.loads(p.read_text())
+                    if run_id is not None and doc["run"].get("run_id") != run_id:
+                        continue  # another run's summary: wait for this run's
+                    parts[r] = CollectCounts.from_json(doc["counts"])
                 except (ValueError, KeyError):
                     pass  # being written by a non-atomic writer: read it next time
         if len(parts) == world or time.monotonic() > deadline:
@@ -231,6 +236,15 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     from avprobe.store import StoreError
 
     started = time.time()
+    run_id = args.run_id or os.environ.get("TORCHELASTIC_RUN_ID")  # set alike on every rank by the launcher
+    if args.summary_json is not None:
+        try:
+            mine = shard_from(args.shard)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
+        if mine.world > 1:  # a previous run's summary of this rank must never be merged into this one
+            _part_path(args.summary_json, mine).unlink(missing_ok=True)
     try:
         counts, info = run_collect(args)
     except (ValueError, FileNotFoundError, StoreError, GatherError) as exc:
@@ -241,6 +255,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     print_summary(counts, info, title)
     total = counts
     if args.summary_json is not None:
+        info["run_id"] = run_id
         payload = {"run": info, "counts": counts.to_json()}
         if shard.world == 1:
             _write_json(args.summary_json, payload)
@@ -248,7 +263,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
             _write_json(_part_path(args.summary_json, shard), payload)
             if shard.rank == 0:
                 # A few seconds of slack: the launcher starts every rank at about the same time.
-                total, missing = _merge_parts(args.summary_json, shard.world, started - 60, args.merge_timeout)
+                total, missing = _merge_parts(args.summary_json, shard.world, started - 60, args.merge_timeout,
+                                              run_id)
                 merged_info = {**info, "shard": {"rank": 0, "world": shard.world}, "missing_shards": missing}
                 _write_json(args.summary_json, {"run": merged_info, "counts": total.to_json()})
                 if missing:
@@ -284,6 +300,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also write the summary as JSON (sharded: one file per shard, merged by rank 0)")
     p.add_argument("--merge-timeout", dest="merge_timeout", type=float, default=3600.0, metavar="S",
                    help="how long rank 0 waits for the other shards' summaries (default 3600)")
+    p.add_argument("--run-id", dest="run_id", metavar="ID",
+                   help="identifies this run's shard summaries (default: the launcher's TORCHELASTIC_RUN_ID)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("judge (with --experiments ...,judge)")
     g.add_argument("--judge", default=None, metavar="SPEC",

@@ -287,6 +287,18 @@ def resolve_device(spec: str) -> str:
     return spec
 
 
+def resolve_dtype(spec: str) -> str:
+    """`auto` or the name of a torch floating dtype; anything else is refused here, before
+    any weights load."""
+    if spec == "auto":
+        return spec
+    import torch
+
+    if not isinstance(getattr(torch, spec, None), torch.dtype) or not getattr(torch, spec).is_floating_point:
+        raise ValueError(f"--dtype {spec!r} is not a torch floating dtype; use auto, float32, bfloat16 or float16")
+    return spec
+
+
 # ---- the one orchestration --------------------------------------------------------------
 
 @dataclass
@@ -331,6 +343,7 @@ def gather(
     from avprobe.store import CacheMiss
 
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
     counts = CollectCounts(queries=len(protocol.queries))
     result = GatherResult(counts=counts, judge=judge)
     for err in manifest_errors:

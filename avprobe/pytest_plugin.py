@@ -13,6 +13,7 @@ summary). The results come from `avprobe.pipeline.gather`, the orchestration tha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -225,10 +226,17 @@ class Session:
         return self._samples
 
     def evidence(self, model: str):
-        """One model's Evidence, gathered once per session (store, engine on a miss, judge)."""
+        """One model's Evidence, gathered once per session (store, engine on a miss, judge).
+        A failure is kept too: every test of that model reports it, none retries the load."""
         if model not in self._evidence:
-            self._evidence[model] = self._gather(model)
-        return self._evidence[model]
+            try:
+                self._evidence[model] = self._gather(model)
+            except Exception as exc:  # noqa: BLE001 - re-raised, the same, for each test
+                self._evidence[model] = exc
+        got = self._evidence[model]
+        if isinstance(got, Exception):
+            raise got
+        return got
 
     def _gather(self, model: str):
         from avprobe.judge import make_judge
@@ -251,12 +259,16 @@ class Session:
         cmd = f"avprobe collect --model {model} --samples {self.opt('samples') or 'organism'} --store {self.store_root}"
         if self.opt("limit"):
             cmd += f" --limit {self.opt('limit')}"
+        # pytest captures output during fixture setup: show the progress bar anyway
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        uncaptured = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
         try:
-            result = gather(ref, samples, store, protocol, judge=judge, base_model=base_model,
-                            device=self.opt("device") or "cpu", dtype=self.opt("dtype") or "auto",
-                            allow_download=bool(self.opt("allow_download")), refresh=bool(self.opt("refresh")),
-                            keep=True, manifest_errors=bad_rows, label=f"{model}: collecting",
-                            collect_command=cmd)
+            with uncaptured:
+                result = gather(ref, samples, store, protocol, judge=judge, base_model=base_model,
+                                device=self.opt("device") or "cpu", dtype=self.opt("dtype") or "auto",
+                                allow_download=bool(self.opt("allow_download")), refresh=bool(self.opt("refresh")),
+                                keep=True, manifest_errors=bad_rows, label=f"{model}: collecting",
+                                collect_command=cmd)
         finally:
             close = getattr(judge, "close", None)
             if close is not None:

@@ -114,3 +114,34 @@ def test_report_is_written_when_every_claim_errors(pytester, tmp_path):
     res.stdout.fnmatch_lines(["*results missing in the read-only store*", "*avprobe collect --model organism*",
                               "*no claim recorded a verdict*"])
     assert report.is_file()
+
+
+def test_a_model_directory_without_tokenizer_fails_before_loading_weights(tmp_path):
+    from avprobe.adapters import load
+
+    d = tmp_path / "no-tokenizer"
+    tiny_adapter("qwen2_5_omni", n_layers=2).model.save_pretrained(d)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
+        load(str(d))
+
+
+def test_dtype_aliases_and_bad_dtypes():
+    import torch
+
+    from avprobe.adapters.registry import torch_dtype
+    from avprobe.pipeline.gather import resolve_dtype
+
+    assert torch_dtype("bf16") is torch.bfloat16 and resolve_dtype("fp16") == "float16"
+    assert resolve_dtype("auto") == "auto"
+    for bad in ("bogus", "int8", "cuda"):
+        with pytest.raises(ValueError, match="not a torch floating dtype"):
+            resolve_dtype(bad)
+
+
+def test_a_failed_gather_is_reported_by_every_test(pytester, tmp_path):
+    """An unknown model: every test says why, with the command that fixes it."""
+    res = _run(pytester, str(CLAIMS / "test_visual_bias.py"), str(CLAIMS / "test_attention_flow.py"),
+               "--model", str(tmp_path / "no-such-model"), "--store", str(tmp_path / "s"))
+    out = res.stdout.str()
+    assert out.count("cannot load model") >= 2  # every test says why
+    assert "hf download" in out and "--model-path" not in out

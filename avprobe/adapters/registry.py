@@ -157,8 +157,8 @@ def _config(name_or_path: str, local_files_only: bool) -> tuple[str, AdapterSett
     except OSError as exc:
         raise FileNotFoundError(
             f"cannot load model {name_or_path!r} ({target}): not a local directory and not in the local "
-            f"HF cache. Download it first (`huggingface-cli download {target}`) or pass --model-path DIR. "
-            f"({exc})"
+            f"HF cache. Download it first (`hf download {target}`, then rerun; or pass --allow-download), "
+            f"or give the local snapshot directory as --model DIR. ({exc})"
         ) from exc
     return target, alias_settings, display, path, config
 
@@ -173,6 +173,25 @@ def ref(name_or_path: str, settings: AdapterSettings | None = None, local_files_
     if arch in ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel", "Qwen3OmniMoeForConditionalGeneration"):
         text = config.thinker_config.get_text_config()
     return ModelRef(display, target, _revision(path, config), settings, int(text.num_hidden_layers), arch)
+
+
+# Short dtype names people type, mapped to torch's.
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def torch_dtype(spec: torch.dtype | str) -> torch.dtype | str:
+    """`auto`, a torch floating dtype or its name (bf16, fp16 and fp32 too); else ValueError."""
+    if not isinstance(spec, str) or spec == "auto":
+        return spec
+    name = DTYPE_ALIASES.get(spec, spec)
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"--dtype {spec!r} is not a torch floating dtype; use auto, float32, bfloat16 (bf16) "
+                         "or float16 (fp16)")
+    return dt
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def load(
@@ -193,8 +212,11 @@ def load(
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     cls = adapter_class(arch)
     settings = settings or (path and _read_settings(path)) or alias_settings or AdapterSettings()
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
+    dtype = torch_dtype(dtype)
+    if path is not None and path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        # checked before the weights load: without it every sample fails minutes later
+        raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy them from "
+                                "the model's snapshot into that directory")
     model = _load_model(arch, target, dtype, local_files_only)
     model.eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local_files_only)

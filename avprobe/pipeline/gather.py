@@ -288,15 +288,13 @@ def resolve_device(spec: str) -> str:
 
 
 def resolve_dtype(spec: str) -> str:
-    """`auto` or the name of a torch floating dtype; anything else is refused here, before
-    any weights load."""
+    """`auto` or a torch floating dtype (its name, or bf16 / fp16 / fp32); anything else is
+    refused here, before any weights load. Returns torch's name."""
     if spec == "auto":
         return spec
-    import torch
+    from avprobe.adapters.registry import torch_dtype
 
-    if not isinstance(getattr(torch, spec, None), torch.dtype) or not getattr(torch, spec).is_floating_point:
-        raise ValueError(f"--dtype {spec!r} is not a torch floating dtype; use auto, float32, bfloat16 or float16")
-    return spec
+    return str(torch_dtype(spec)).removeprefix("torch.")
 
 
 # ---- the one orchestration --------------------------------------------------------------

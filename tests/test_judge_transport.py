@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 import ssl
 import subprocess
@@ -21,8 +22,8 @@ from fake_chat_server import DictCache, FakeChatServer, Reply
 
 from avprobe.judge import ERROR_PARSE, ERROR_TRANSPORT, parse_reply
 from avprobe.judge import openai as openai_judge
-from avprobe.judge.openai import MAX_REPLY_BYTES, OpenAIJudge, read_reply, redact, strip_reasoning
-from avprobe.judge.prompts import strip_reasoning as regex_strip_reasoning
+from avprobe.judge.openai import MAX_REPLY_BYTES, OpenAIJudge, redact
+from avprobe.judge.prompts import ParsedReply, score_value, strip_reasoning
 
 KEY = "sk-test-0123456789abcdef"
 FAST = {"backoff_base": 0.001, "backoff_max": 0.005, "jitter_seed": 0, "api_key": KEY}
@@ -246,9 +247,55 @@ def test_deeply_nested_envelope_is_malformed_not_a_crash() -> None:
     assert score.error == ERROR_TRANSPORT and "malformed" in score.reason
 
 
-def test_read_reply_gives_parse_reply_answers_on_judge_replies() -> None:
+# The parser parse_reply replaced (quadratic in "{", RecursionError on deep nesting), kept as
+# the reference its answers are compared with on judge-like replies.
+_FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+
+
+def regex_strip_reasoning(text: str) -> tuple[str, str]:
+    text = _THINK_BLOCK.sub("", text)
+    lower = text.lower()
+    close = lower.rfind("</think>")
+    if close >= 0:
+        text = text[close + len("</think>") :]
+        lower = text.lower()
+    open_ = lower.find("<think>")
+    if open_ >= 0:
+        return text[:open_], "reply ended inside <think> (reasoning unfinished; raise the token limit)"
+    return text, ""
+
+
+def legacy_parse_reply(text: str | None) -> ParsedReply:
+    if not text or not text.strip():
+        return ParsedReply(None, "", "empty reply")
+    answer, problem = regex_strip_reasoning(text)
+    decoder = json.JSONDecoder()
+    found: list[object] = []
+    for block in _FENCE.findall(answer) + [answer]:
+        i = block.find("{")
+        while i >= 0:
+            try:
+                obj, end = decoder.raw_decode(block, i)
+            except json.JSONDecodeError:
+                i = block.find("{", i + 1)
+                continue
+            found.append(obj)
+            i = block.find("{", end)
+    with_score = [o for o in ({str(k).lower(): v for k, v in obj.items()} for obj in found if isinstance(obj, dict)) if "score" in o]
+    if not with_score:
+        return ParsedReply(None, "", problem or "no JSON object with a 'score' key in the reply")
+    obj = with_score[-1]
+    reason = obj.get("reason", "")
+    reason = reason if isinstance(reason, str) else json.dumps(reason)
+    value, bad = score_value(obj["score"])
+    return ParsedReply(None, reason, bad) if value is None else ParsedReply(value, reason)
+
+
+def test_parse_reply_gives_the_old_parsers_answers_on_judge_replies() -> None:
     rng = random.Random(0)
-    words = ["the", "candidate", "misses", "a", "siren", "{x}", "(see", "reference)", '"quoted"', "[1]", "it's"]
+    words = ["the", "candidate", "misses", "a", "siren", "{x}", "(see", "reference)", '"quoted"', "[1]", "it's",
+             "{", "}", "{0-1}", ":-{", "\\{0, 1\\}", '\\"', "```", "</think>", '{"score": X}', "{{", "]"]  # fmt: skip
     cases = [
         '{"score": 0.8, "reason": "close"}',
         '```json\n{"score": 0.25, "reason": "fenced"}\n```',
@@ -267,11 +314,41 @@ def test_read_reply_gives_parse_reply_answers_on_judge_replies() -> None:
     def prose() -> str:
         return " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
 
-    for _ in range(300):  # prose around a score object, as judges write
-        obj = json.dumps({"score": round(rng.random(), 3), "reason": prose()})
-        cases.append(f"{prose()}\n{obj}\n{prose()}")
+    for _ in range(1000):  # prose around one or two score objects, as judges write
+        objs = [json.dumps({"score": round(rng.random(), 3), "reason": prose()}, indent=rng.choice([None, 2])) for _ in range(rng.randint(1, 2))]
+        cases.append(f"{prose()}\n" + f"\n{prose()}\n".join(objs) + f"\n{prose()}")
     for text in cases:
-        assert read_reply(text) == parse_reply(text), text
+        assert parse_reply(text) == legacy_parse_reply(text), text
+
+
+# Replies where the first linear reader (openai.read_reply) and the old parser disagreed: the
+# old parser's answer is the right one, and parse_reply gives it.
+OLD_ANSWERS = {
+    # a degenerate candidate quoted: 40 "{" that never close are not nesting
+    'The candidate is "' + "{" * 40 + '" (degenerate).\n{"score": 0, "reason": "no caption"}': (0.0, "no caption"),
+    "Candidate: " + "{" * 40 + '\n{"score": 0, "reason": "garbage"}': (0.0, "garbage"),
+    # a stray "{" in prose, then quotes: the prose quotes must not swallow the answer
+    'I\'d say {it\'s "close} to the reference.\n{"score": 0.5, "reason": "one sound {missing"}': (0.5, "one sound {missing"),
+    'Unclosed {brace and a \\"quote\\" here. {"score": 0.7, "reason": "r"}': (0.7, "r"),
+    # ... nor an answer after a first one (the reader took the first: 0.2)
+    'first {"score": 0.2} then I\'d say {it\'s "ok {"score": 0.9, "reason": "a {"}': (0.9, "a {"),
+    # a markdown-escaped brace opens the answer
+    'Grade: \\{"score": 1, "reason": "r"}': (1.0, "r"),
+}
+
+
+@pytest.mark.parametrize("text", list(OLD_ANSWERS))
+def test_parse_reply_keeps_the_old_answer_where_the_first_linear_reader_differed(text: str) -> None:
+    value, reason = OLD_ANSWERS[text]
+    assert legacy_parse_reply(text) == ParsedReply(value, reason)
+    assert parse_reply(text) == ParsedReply(value, reason)
+
+
+def test_deeper_nesting_that_closes_is_not_read() -> None:
+    deep = '{"x": ' * 40 + "1" + "}" * 40 + ' {"score": 1}'  # the old parser read it; 5000 levels crashed it
+    parsed = parse_reply(deep)
+    assert parsed.value is None and "deeper than 32 levels" in parsed.problem
+    assert parse_reply('{"score": 0.5, "reason": ' + "[" * 20 + "]" * 20 + "}").value == 0.5  # 21 levels: read
 
 
 def test_strip_reasoning_matches_the_regex_version() -> None:

@@ -11,7 +11,8 @@ reply is unscored with an excerpt of the raw text kept.
 
 The server is not trusted: redirects are never followed (the key stays with the configured
 host), `timeout` bounds each whole attempt, replies over 1 MiB are refused, the reply is read
-in linear time whatever it holds, and error bodies are redacted before they reach a log.
+in linear time whatever it holds (`prompts.parse_reply`), and error bodies are redacted before
+they reach a log.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Self
 
 from avprobe.judge.base import ERROR_PARSE, ERROR_TRANSPORT, Judge, JudgeCache, JudgeItem, Score
-from avprobe.judge.prompts import PROMPT_VERSION, ParsedReply, _as_score, build_messages
+from avprobe.judge.prompts import PROMPT_VERSION, build_messages, parse_reply
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ _ERROR_BODY_BYTES = 8192  # read of an error body, before redaction and truncati
 _DETAIL_CHARS = 300  # error text kept in a reason (and so in logs)
 _RAW_HEAD, _RAW_TAIL = 1000, 3000  # excerpt of a long raw reply kept in the Score (the JSON is at the end)
 _REASON_CHARS = 2000
-_MAX_NESTING = 32  # a score object nests 1-2 levels; deeper is not a judge's answer
 _CHUNK = 65536
 # After this many items in a row exhausted their retries on connection errors, the endpoint
 # is taken as dead and later items try once (not max_retries times) until one succeeds.
@@ -171,123 +171,6 @@ def excerpt(text: str, head: int = _RAW_HEAD, tail: int = _RAW_TAIL) -> str:
     if len(text) <= head + tail:
         return text
     return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[-tail:]}"
-
-
-# -- reading a reply in linear time -----------------------------------------------------------
-# prompts.parse_reply retries a JSON decode from every "{" (each failure costs O(position)) and
-# runs a lazy <think> regex from every opening tag: quadratic on a hostile reply, and a deep
-# object raises RecursionError. The reader below gives the same answers on judge replies in
-# one pass over the text.
-
-_THINK_TAG = re.compile(r"<think>|</think>", re.IGNORECASE)
-_JSON_TOKENS = re.compile(r'\\.|["{}\[\]]', re.DOTALL)
-_JSON_TOKENS_NO_STRINGS = re.compile(r"\\.|[{}\[\]]", re.DOTALL)
-_OBJECT_START = re.compile(r'\{\s*["}]')  # a JSON object opens with a key or closes at once
-
-
-def strip_reasoning(text: str) -> tuple[str, str]:
-    """prompts.strip_reasoning in linear time (same result on every input)."""
-    pieces: list[str] = []
-    pos, open_at = 0, -1
-    # What re.sub(r"<think>.*?</think>") removes: from an opening tag to the first closing tag
-    # after it; a closing tag with no opening before it stays, and so does an unclosed opening.
-    for m in _THINK_TAG.finditer(text):
-        closing = m.group()[1] == "/"
-        if open_at < 0:
-            if not closing:
-                open_at = m.start()
-        elif closing:
-            pieces.append(text[pos:open_at])
-            pos, open_at = m.end(), -1
-    pieces.append(text[pos:])
-    text = "".join(pieces)
-    lower = text.lower()
-    close = lower.rfind("</think>")
-    if close >= 0:
-        text = text[close + len("</think>") :]
-        lower = text.lower()
-    open_ = lower.find("<think>")
-    if open_ >= 0:
-        return text[:open_], "reply ended inside <think> (reasoning unfinished; raise the token limit)"
-    return text, ""
-
-
-def json_objects(text: str, strings: bool = True) -> list[object] | None:
-    """JSON objects in `text`, in order; None if brackets nest deeper than _MAX_NESTING.
-
-    One scan pairs the braces (quotes are tracked inside braces only, so prose quotes do not
-    count; `strings=False` ignores them, for a stray quote inside a brace). Each balanced
-    span is decoded, outermost first; a span that is not JSON gives way to the spans inside
-    it. Every character lies in at most _MAX_NESTING spans, so the work is linear.
-    """
-    spans: list[tuple[int, int]] = []
-    stack: list[tuple[str, int]] = []
-    in_string = False
-    for m in (_JSON_TOKENS if strings else _JSON_TOKENS_NO_STRINGS).finditer(text):
-        token = m.group()
-        if in_string:
-            if token == '"':
-                in_string = False
-            continue  # escapes and brackets inside a string are text
-        ch = token[-1]  # outside a string a backslash escapes nothing
-        if ch == '"':
-            in_string = bool(stack)
-        elif ch in "{[":
-            if ch == "[" and not stack:
-                continue  # prose brackets
-            stack.append((ch, m.start()))
-            if len(stack) > _MAX_NESTING:
-                return None
-        elif stack:
-            if ch == "}":
-                while stack and stack[-1][0] == "[":
-                    stack.pop()  # an unclosed "[" inside the object
-                if stack:
-                    spans.append((stack.pop()[1], m.end()))
-            elif stack[-1][0] == "[":
-                stack.pop()
-    spans.sort()
-    found: list[object] = []
-    covered = 0
-    for start, end in spans:
-        if start < covered or not _OBJECT_START.match(text, start):
-            continue  # inside an object already read, or prose such as "{x}"
-        try:
-            found.append(json.loads(text[start:end]))
-        except (ValueError, RecursionError):
-            continue
-        covered = end
-    return found
-
-
-def _with_score(objects: list[object]) -> list[dict[str, Any]]:
-    lowered = [{str(k).lower(): v for k, v in obj.items()} for obj in objects if isinstance(obj, dict)]
-    return [obj for obj in lowered if "score" in obj]
-
-
-def read_reply(text: str | None) -> ParsedReply:
-    """Read `{"score": float in [0, 1], "reason": str}` from a judge reply, in linear time.
-
-    The rules of prompts.parse_reply (reasoning dropped, prose and fences around the JSON
-    tolerated, the last object with a "score" key taken), safe on any input: a reply
-    nested deeper than _MAX_NESTING levels is unparseable, not a RecursionError.
-    """
-    if not text or not text.strip():
-        return ParsedReply(None, "", "empty reply")
-    answer, problem = strip_reasoning(text)
-    objects = json_objects(answer)
-    if objects is None:
-        return ParsedReply(None, "", f"reply nests deeper than {_MAX_NESTING} levels: not read")
-    with_score = _with_score(objects) or _with_score(json_objects(answer, strings=False) or [])
-    if not with_score:
-        return ParsedReply(None, "", problem or "no JSON object with a 'score' key in the reply")
-    obj = with_score[-1]
-    reason = obj.get("reason", "")
-    reason = reason if isinstance(reason, str) else json.dumps(reason)
-    value, bad = _as_score(obj["score"])
-    if value is None:
-        return ParsedReply(None, reason, bad)
-    return ParsedReply(value, reason)
 
 
 # -- transport --------------------------------------------------------------------------------
@@ -611,7 +494,7 @@ class OpenAIJudge(Judge):
         with self._lock:
             self._dead_streak = 0
         meta["finish_reason"] = attempt.finish_reason
-        parsed = read_reply(attempt.content)
+        parsed = parse_reply(attempt.content)  # linear time and depth-limited, whatever the server sent
         # The cache keeps what the score needs: the value, its reason and an excerpt of the reply.
         raw = excerpt(attempt.content)
         if raw != attempt.content:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from avprobe.judge import (
 )
 from avprobe.judge.calibrate import RatingRow, calibrate, read_ratings, spearman_bootstrap
 from avprobe.judge.embedding import EmbeddingJudge, modality_sentences
-from avprobe.judge.prompts import prompt_text
+from avprobe.judge.prompts import parse_reply, prompt_text
 
 # -- Score and the base class ----------------------------------------------------------------
 
@@ -114,6 +116,25 @@ def test_messages_keep_captions_literal_and_version_is_a_short_hash() -> None:
     assert "Candidate: i hear {reference} a dog ." in msgs[1]["content"]
     assert "Reference: i hear a {candidate} ." in msgs[1]["content"]
     assert re.fullmatch(r"[0-9a-f]{10}", PROMPT_VERSION)
+
+
+# The parser this replaced decoded from every "{": 500 KB of them took about 2 minutes, the
+# braces in a string about 45 s, and the deep nesting raised RecursionError.
+HOSTILE_REPLIES = {
+    "500 KB of {": "{" * 500_000,
+    "300 KB of braces in an unterminated string": '{"a": "' + "{" * 300_000,
+    "100,000 levels of nesting": '{"x": ' * 100_000,
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_REPLIES))
+def test_parse_reply_is_fast_and_unparseable_on_hostile_replies(name: str) -> None:
+    text = HOSTILE_REPLIES[name]
+    t0 = time.perf_counter()
+    parsed = parse_reply(text)
+    elapsed = time.perf_counter() - t0
+    assert parsed.value is None and parsed.problem  # unscored with the reason, not a crash
+    assert elapsed < 2.0, elapsed  # 0.5 s at most on a loaded 2-core box; the old parser took minutes
 
 
 # -- the real store as cache ------------------------------------------------------------------
@@ -275,6 +296,47 @@ def test_transformers_judge_reads_local_files_only_unless_allowed(tmp_path: Path
     with pytest.raises(OSError, match="stand-in for a download"):
         make_judge(f"transformers:{missing}", allow_download=True).score_batch(item)
     assert asked[-1] is False
+
+
+def test_judge_allow_download_option_reaches_the_transformers_judge_only(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import transformers
+
+    from avprobe.cli import build_parser
+    from avprobe.judge.cli import judge_from_args
+
+    asked: list[object] = []
+
+    def spy(name, *args, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        raise OSError("test stand-in for a download")  # never reach the network from a test
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    parser = build_parser()
+    base = ["judge", "score", "--candidate", "c", "--reference", "r", "--modality", "audio"]
+    missing = "transformers:no-such-org/no-such-judge-model"
+
+    allowed = judge_from_args(parser.parse_args([*base, "--judge", missing, "--judge-allow-download"]))
+    assert allowed.allow_download is True
+    with pytest.raises(OSError, match="stand-in for a download"):
+        allowed.score("c", "r", "audio")
+    assert asked == [False]  # from_pretrained may download
+
+    assert judge_from_args(parser.parse_args([*base, "--judge", missing])).allow_download is False
+    caplog.set_level(logging.WARNING, logger="avprobe.judge.cli")
+    judge_from_args(parser.parse_args([*base, "--judge", "concept", "--judge-allow-download"]))  # no TypeError
+    assert "allow_download ignored by the concept judge" in caplog.text
+
+
+def test_judge_help_says_what_the_timeout_bounds() -> None:
+    import argparse
+
+    from avprobe.judge.cli import add_judge_arguments
+
+    parser = argparse.ArgumentParser()
+    add_judge_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "one attempt of a judge request may take in all" in text and "socket operation" not in text
+    assert "--judge-allow-download" in text
 
 
 # -- calibration ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 _BACKEND_OPTIONS = {
     "concept": (),
     "openai": ("base_url", "max_workers", "timeout", "max_retries"),
-    "transformers": ("batch_size",),
+    "transformers": ("batch_size", "allow_download"),
     "embedding": (),
 }
 
@@ -39,9 +39,10 @@ def add_judge_arguments(parser: argparse.ArgumentParser, default: str | None = "
     )
     g.add_argument("--judge-url", dest="judge_url", metavar="URL", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (else $AVPROBE_JUDGE_URL, $OPENAI_BASE_URL)")
     g.add_argument("--judge-concurrency", dest="judge_concurrency", type=int, metavar="N", help="parallel requests to the judge endpoint (default 8)")
-    g.add_argument("--judge-timeout", dest="judge_timeout", type=float, metavar="S", help="seconds per socket operation of a judge request (default 120)")
+    g.add_argument("--judge-timeout", dest="judge_timeout", type=float, metavar="S", help="seconds one attempt of a judge request may take in all, from connecting to the last byte of the reply (DNS lookup aside; default 120)")
     g.add_argument("--judge-retries", dest="judge_retries", type=int, metavar="N", help="retries on 429, 5xx and timeouts (default 4)")
     g.add_argument("--judge-batch-size", dest="judge_batch_size", type=int, metavar="N", help="batch size of the transformers judge (default 8)")
+    g.add_argument("--judge-allow-download", dest="judge_allow_download", action="store_true", help="let the transformers judge download its weights (default: local files only)")
     g.add_argument("--store", type=Path, metavar="DIR", help="result store to cache judgments in (default: no cache)")
 
 
@@ -58,6 +59,9 @@ def judge_from_args(args: argparse.Namespace, cache: Any = None) -> Judge:
         "timeout": args.judge_timeout,
         "max_retries": args.judge_retries,
         "batch_size": args.judge_batch_size,
+        # None when unset, so it is neither passed nor warned about; other commands that judge
+        # may not define the flag.
+        "allow_download": True if getattr(args, "judge_allow_download", False) else None,
     }
     allowed = _BACKEND_OPTIONS.get(backend, ())
     for name, value in given.items():

@@ -196,10 +196,13 @@ class ClaimCheck:
             raise ValueError(f"require must be 'all' or 'any', got {require!r}")
         if not results:
             raise ValueError(f"claim {self.id}: no results to check")
-        # Data that cannot test a part (too few clips, no variation, no room) skip the claim:
-        # it never passes without its test, and it is not an error.
+        # Data that cannot test a part (too few clips, no variation, no room) skip the claim
+        # where that part decides it: it never passes without its test, and it is not an
+        # error. A part that is tested and fails decides "all" anyway; one that passes, "any".
         blocked = {name: r.untestable for name, r in results.items() if r.untestable}
-        if blocked and (require == "all" or len(blocked) == len(results)):
+        tested = [bool(r.passed) for r in results.values() if not r.untestable]
+        decided = (require == "all" and not all(tested)) or (require == "any" and any(tested))
+        if blocked and not decided:
             name, why = next(iter(blocked.items()))
             self.skip(f"untestable: {name}: {why}")
             raise ClaimSkipped(why)  # on_skip returned (it should not): never record a verdict

@@ -55,11 +55,13 @@ def _sweep_result(res):
 def _every(tests):
     """Intersection-union over windows: "barely moves" must hold at every depth, so every
     window must be equivalent (no correction needed); the least equivalent one is shown.
-    A window that cannot be tested makes the whole untestable."""
-    blocked = [r for r in tests if r.untestable]
-    if blocked:
-        return blocked[0]
-    worst = max(tests, key=lambda r: r.p_value)
+    A window that is tested and not equivalent fails the whole; else a window that cannot
+    be tested makes the whole untestable."""
+    tested = [r for r in tests if not r.untestable]
+    failing = [r for r in tested if not r.passed]
+    if not failing and len(tested) < len(tests):
+        return next(r for r in tests if r.untestable)
+    worst = max(failing or tested, key=lambda r: r.p_value)
     return replace(worst, passed=all(r.passed for r in tests),
                    details={**worst.details, "windows_equivalent": sum(bool(r.passed) for r in tests),
                             "windows": len(tests)})

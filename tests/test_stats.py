@@ -525,3 +525,14 @@ def test_an_untestable_part_skips_the_claim() -> None:
         claim.check({"a": S.one_sample_test(np.full(20, 0.7), 0.5, "greater"),
                      "b": S.one_sample_test(np.linspace(0.6, 0.9, 20), 0.5, "greater")})
     assert claim.outcome.status == "skipped" and "no variation" in claim.outcome.skip_reason
+
+
+def test_a_tested_failing_part_decides_over_an_untestable_one() -> None:
+    from avprobe.claim import ClaimCheck
+
+    claim = ClaimCheck({"id": "x", "statement": "s"}, model="m")
+    fails = S.one_sample_test(np.linspace(0.1, 0.3, 20), 0.5, "greater")
+    flat = S.one_sample_test(np.full(20, 0.7), 0.5, "greater")
+    assert claim.verdict({"a": flat, "b": fails}).status == "failed"
+    passes = S.one_sample_test(np.linspace(0.6, 0.9, 20), 0.5, "greater")
+    assert claim.verdict({"a": flat, "b": passes}, require="any").status == "passed"

@@ -195,3 +195,39 @@ def test_candidate_stems():
     for want in ("abc", "Yabc", "abc_30", "abc_30_40", "abc_30.000_40.000", "Yabc_30.000_40.000", "abc_30000_40000"):
         assert want in stems
     assert len(stems) == len(set(stems))
+
+
+# --- failures grouped by cause (issue 14) -------------------------------------------------------
+
+
+def test_failures_group_by_cause_not_by_the_first_words():
+    from avprobe.media.manifest import MAX_EXAMPLES, failure_cause, group_failures
+    from avprobe.types import SampleError
+
+    causes = [  # ten different causes; the old grouping (text before the first colon) made seven groups
+        "ValueError: could not broadcast input array from shape (3,) into shape (2,)",
+        "ValueError: zero-size array to reduction operation maximum which has no identity",
+        "OSError: [Errno 28] No space left on device",
+        "OSError: [Errno 13] Permission denied",
+        "cannot open container (truncated or corrupt?): [Errno 1094995529] Invalid data found when processing input: '{p}'",
+        "cannot open container (truncated or corrupt?): [Errno 1414092869] Immediate exit requested: '{p}'",
+        "corrupt audio stream: [Errno 1094995529] Invalid data found when processing input",
+        "truncated or corrupt video: decoded 3 of 10 frames",
+        "truncated or corrupt audio: decoded 0.42 s of 10.00 s",
+        "file not found",
+    ]
+    errors = []
+    for k, reason in enumerate(causes):
+        for j in range(4):  # each cause on four files, its particulars differing
+            path = f"/data/clips/c{k}_{j}.mp4"
+            r = reason.format(p=path).replace("3 of 10", f"{3 + j} of {10 + j}").replace("0.42 s", f"0.{42 + j} s")
+            errors.append(SampleError(f"s{k}_{j}", "decode", path, r))
+    groups = group_failures(errors)
+    assert len(groups) == 10
+    assert all(g["count"] == 4 and len(g["examples"]) == MAX_EXAMPLES for g in groups.values())
+    assert [e["sample_id"] for e in groups[failure_cause(errors[0])]["examples"]] == ["s0_0", "s0_1", "s0_2"]
+    assert failure_cause(errors[0]).startswith("decode: ValueError: could not broadcast")
+    assert failure_cause(errors[29]) == "decode: truncated or corrupt video: decoded <n> of <n> frames"
+    assert "/data" not in failure_cause(errors[16])  # the file's path is no part of the cause
+    # Same words in another stage are another group.
+    assert failure_cause(SampleError("x", "mux", None, "file not found")) != failure_cause(errors[-1])

@@ -91,8 +91,21 @@ def _print_report(report: BuildReport) -> None:
         con.print(f"  {k} video clip(s) skipped: {reason}")
 
 
+def _print_failures(groups: dict[str, dict], title: str) -> None:
+    """Failures as one row per cause (`manifest.group_failures`), with its first examples."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("cause")
+    t.add_column("samples", justify="right")
+    t.add_column("examples")
+    for cause, g in groups.items():
+        t.add_row(cause, str(g["count"]), ", ".join(e["sample_id"] for e in g["examples"]))
+    _console().print(t)
+
+
 def _write(samples, args, report: BuildReport | None) -> int:
-    from avprobe.media.manifest import write_manifest
+    from avprobe.media.manifest import group_failures, write_manifest
 
     errors = []
     if args.mux is not None:
@@ -111,11 +124,14 @@ def _write(samples, args, report: BuildReport | None) -> int:
         "threshold": args.threshold,
         "builder": report.to_dict() if report else None,
         "mux_errors": [asdict(e) for e in errors],
+        "mux_failures": group_failures(errors),
     }
     report_path = args.out.with_suffix(".report.json")
     report_path.write_text(json.dumps(summary, indent=2) + "\n")
     if report is not None:
         _print_report(report)
+    if errors:
+        _print_failures(summary["mux_failures"], f"{len(errors)} mux failure(s) by cause (kept unmuxed)")
     _console().print(f"wrote {args.out} ({dict(kinds)}) and {report_path}")
     return 1 if errors else 0
 
@@ -168,7 +184,7 @@ def cmd_validate(args) -> int:
     from rich.table import Table
 
     from avprobe.media.decode import load_many
-    from avprobe.media.manifest import read_manifest
+    from avprobe.media.manifest import group_failures, read_manifest
     from avprobe.types import SampleError
 
     res = read_manifest(args.manifest, check_files=True)
@@ -189,6 +205,8 @@ def cmd_validate(args) -> int:
     con.print(t)
     for e in errors:
         con.print(f"[red]{e.stage}[/red] {e.sample_id}: {e.path}: {e.reason}")
+    if errors:
+        _print_failures(group_failures(errors), f"{len(errors)} failure(s) by cause")
     if args.errors_out:
         args.errors_out.write_text("".join(json.dumps(asdict(e)) + "\n" for e in errors))
     return 1 if errors else 0

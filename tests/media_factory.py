@@ -110,12 +110,15 @@ def make_video(
     codec: str = "libx264",
     faststart: bool = False,
     texture: bool = False,
+    bframes: int = 0,
 ) -> Path:
     """Write a video (mp4 unless the extension says otherwise); size is (height, width).
 
     Frame i is flat grey `frame_level(i)`, or with `texture=True` a moving colour pattern with
     noise (realistic decode cost, for benchmarks). `audio_rate=None` writes no audio track.
-    Odd sizes are written in yuv444p (4:2:0 needs even dimensions).
+    Odd sizes are written in yuv444p (4:2:0 needs even dimensions). A .webm gets Opus audio
+    (48 kHz; webm takes no AAC), any other container AAC. `bframes` > 0 lets x264 reorder
+    frames: in an .mkv the first packets then come out of the demuxer without a dts.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,11 +131,17 @@ def make_video(
         vs.pix_fmt = "yuv444p" if (h % 2 or w % 2) and codec == "libx264" else "yuv420p"
         if codec == "libx264":
             vs.options = {"crf": "23" if texture else "4", "preset": "ultrafast"}
+            if bframes:
+                vs.options = {**vs.options, "bf": str(bframes)}
             vs.thread_count = 1
         as_ = None
+        webm = path.suffix.lower() == ".webm"
+        a_fmt = "flt" if webm else "fltp"
         if audio_rate is not None:
-            as_ = container.add_stream("aac", rate=audio_rate, layout=_LAYOUTS[len(audio_freqs)])
-            as_.format = "fltp"
+            if webm:
+                audio_rate = 48_000  # opus only encodes at its own rates
+            as_ = container.add_stream("libopus" if webm else "aac", rate=audio_rate, layout=_LAYOUTS[len(audio_freqs)])
+            as_.format = a_fmt
         rng = np.random.default_rng(0)
         yy, xx = np.mgrid[0:h, 0:w]
         for i in range(n_frames):
@@ -150,7 +159,7 @@ def make_video(
             container.mux(packet)
         if as_ is not None:
             signal = tone(seconds, audio_rate, audio_freqs)
-            _encode_audio(container, as_, signal, "fltp", _LAYOUTS[len(audio_freqs)], audio_rate)
+            _encode_audio(container, as_, signal, a_fmt, _LAYOUTS[len(audio_freqs)], audio_rate)
     return path
 
 

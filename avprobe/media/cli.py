@@ -111,6 +111,8 @@ def _write(samples, args, report: BuildReport | None) -> int:
     if args.mux is not None:
         from avprobe.media.mux import mux_samples
 
+        # mux_samples turns each sample's failure into a record, so the manifest and the
+        # report below are written whatever the clips hold.
         samples, errors = mux_samples(samples, args.mux)
         for e in errors:
             _console().print(f"[red]mux failed[/red] {e.sample_id}: {e.path}: {e.reason}")

@@ -17,6 +17,8 @@ from media_factory import corrupt, frame_index, frame_level, make_audio, make_em
 
 from avprobe.media import processing
 from avprobe.media.decode import (
+    DEFAULT_FRAME_RULE,
+    FRAME_RULES,
     MediaError,
     decode_audio,
     decode_video,
@@ -52,9 +54,26 @@ def _rms(x: np.ndarray) -> float:
 
 
 def test_sample_indices_ten_second_clip():
-    # 10 s at 25 fps sampled at 2 fps: 20 frames, one every 12.5 source frames.
-    idx = sample_indices(250, 25.0, fps=2.0)
-    assert idx.tolist() == [int(np.floor(k * 12.5)) for k in range(20)]
+    # 10 s at 25 fps sampled at 2 fps: 20 frames
+    assert sample_indices(250, 25.0, fps=2.0, rule="floor").tolist() == [int(np.floor(k * 12.5)) for k in range(20)]
+    want = [round(k * 249 / 19) for k in range(20)]  # ends on the last frame
+    assert sample_indices(250, 25.0, fps=2.0, rule="linspace").tolist() == want
+    assert sample_indices(250, 25.0, fps=2.0).tolist() == want  # the default: the paper's release
+
+
+def test_frame_rules_match_their_upstream_formulas():
+    """linspace: qwen-omni-utils' torch.linspace(0, total - 1, n).round(); floor: transformers'
+    Qwen2VLVideoProcessor.sample_frames, torch.arange(0, total, total / n).int()."""
+    torch = pytest.importorskip("torch")
+    for total, video_fps in [(297, 30.0), (250, 25.0), (300, 29.97), (1441, 23.976), (7, 30.0), (3000, 60.0)]:
+        lin = sample_indices(total, video_fps, rule="linspace")
+        n = lin.size
+        assert lin.tolist() == torch.linspace(0, total - 1, n).round().long().tolist()
+        floor = sample_indices(total, video_fps, rule="floor")
+        assert floor.tolist() == torch.arange(0, total, total / n).int().tolist()[:n]
+    assert DEFAULT_FRAME_RULE == "linspace" and FRAME_RULES == ("linspace", "floor")
+    with pytest.raises(ValueError, match="frame rule"):
+        sample_indices(10, 10.0, rule="nearest")
 
 
 def test_sample_indices_min_and_cap():
@@ -69,33 +88,48 @@ def test_sample_indices_min_and_cap():
     video_fps=st.floats(1.0, 120.0),
     fps=st.floats(0.1, 8.0),
     max_frames=st.integers(2, 800),
+    rule=st.sampled_from(["linspace", "floor"]),
 )
-def test_sample_indices_properties(total, video_fps, fps, max_frames):
-    idx = sample_indices(total, video_fps, fps, max_frames)
+def test_sample_indices_properties(total, video_fps, fps, max_frames, rule):
+    idx = sample_indices(total, video_fps, fps, max_frames, rule=rule)
     assert idx.size >= 1
     assert np.all(np.diff(idx) > 0), "indices must be strictly increasing"
     assert idx[0] == 0 and idx[-1] < total
     if total >= 2:
         assert idx.size % 2 == 0 and idx.size <= max(max_frames, 2)
+    if rule == "linspace" and idx.size >= 2:
+        assert idx[-1] == total - 1
+    assert idx.size == sample_indices(total, video_fps, fps, max_frames, rule="floor").size  # rules differ only in which
 
 
-def test_decode_video_picks_the_right_frames(clips):
-    frames, fps = decode_video(clips["av"], fps=2.0)
+@pytest.mark.parametrize(
+    ("rule", "at_2fps", "at_5fps"),
+    [
+        ("floor", [0, 5, 10, 15], list(range(0, 20, 2))),
+        ("linspace", [0, 6, 13, 19], [0, 2, 4, 6, 8, 11, 13, 15, 17, 19]),
+    ],
+)
+def test_decode_video_picks_the_right_frames(clips, rule, at_2fps, at_5fps):
+    frames, fps = decode_video(clips["av"], fps=2.0, frame_rule=rule)
     assert frames.dtype == np.uint8 and frames.shape == (4, 48, 64, 3)
-    assert [frame_index(f, 20) for f in frames] == [0, 5, 10, 15]
+    assert [frame_index(f, 20) for f in frames] == at_2fps
     assert fps == pytest.approx(2.0)
-    frames, fps = decode_video(clips["av"], fps=5.0)
-    assert [frame_index(f, 20) for f in frames] == list(range(0, 20, 2))
+    frames, fps = decode_video(clips["av"], fps=5.0, frame_rule=rule)
+    assert [frame_index(f, 20) for f in frames] == at_5fps
     assert fps == pytest.approx(5.0)
+    m = load_media(Sample("s", video=str(clips["av"]), audio_captions=("x",)), fps=2.0, frame_rule=rule)
+    assert [frame_index(f, 20) for f in m.frames] == at_2fps
 
 
-def test_long_clip_is_capped_and_spans_the_clip(clips):
-    frames, fps = decode_video(clips["long"], fps=2.0, max_frames=10)
+@pytest.mark.parametrize(("rule", "step"), [("floor", 12.0), ("linspace", 119 / 9)])
+def test_long_clip_is_capped_and_spans_the_clip(clips, rule, step):
+    frames, fps = decode_video(clips["long"], fps=2.0, max_frames=10, frame_rule=rule)
     assert frames.shape[0] == 10
     assert fps == pytest.approx(10 / 60.0)  # effective rate keeps the true time axis
-    # levels wrap after ~56 frames: compare the grey levels of source frames 0, 12, 24, ...
+    # levels wrap after ~56 frames: compare the grey levels of the sampled source frames
     got = np.array([f.mean() for f in frames])
-    np.testing.assert_allclose(got, [frame_level(12 * k) for k in range(10)], atol=2.5)
+    want = [frame_level(int(np.floor(k * step)) if rule == "floor" else round(k * step)) for k in range(10)]
+    np.testing.assert_allclose(got, want, atol=2.5)
 
 
 def test_odd_frame_size_decodes_and_patchifies(clips):
@@ -275,7 +309,7 @@ def test_inputs_match_upstream_qwen_processor(tmp_path):
 
     clip = make_video(tmp_path / "clip.mp4", seconds=3.0, fps=25, size=(360, 640))
     spec = processing.VisionSpec()
-    frames, fps = decode_video(clip, fps=spec.fps, max_frames=spec.max_frames)
+    frames, fps = decode_video(clip, fps=spec.fps, max_frames=spec.max_frames, frame_rule="floor")
     ours, grid = processing.patchify_video(frames, spec)
     vp = Qwen2VLVideoProcessor(
         size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
@@ -305,7 +339,7 @@ def test_inputs_match_qwen2_5_omni_processor(tmp_path):
     proc = _cached_omni_processor()
     clip = make_video(tmp_path / "clip.mp4", seconds=4.0, fps=25, size=(360, 640), audio_rate=44_100)
     spec = processing.VisionSpec()
-    media = load_media(Sample("c", video=str(clip), audio_captions=("x",)), fps=spec.fps)
+    media = load_media(Sample("c", video=str(clip), audio_captions=("x",)), fps=spec.fps, frame_rule="floor")
     pixels, grid = processing.patchify_video(media.frames, spec)
     feats, mask = processing.audio_features(media.waveform, n_mels=proc.feature_extractor.feature_size)
     ref = proc(
@@ -321,4 +355,5 @@ def test_inputs_match_qwen2_5_omni_processor(tmp_path):
     n = int(ref["feature_attention_mask"].sum())
     assert n == mask.shape[1]
     np.testing.assert_allclose(ref["input_features"][0, :, :n].numpy(), feats[0].numpy(), atol=1e-4)
-    assert float(ref["video_second_per_grid"][0]) == pytest.approx(spec.temporal_patch_size / media.fps)
+    # the processor is told fps 2.0: 2 / 2.0, whatever the effective rate
+    assert float(ref["video_second_per_grid"][0]) == pytest.approx(spec.temporal_patch_size / spec.fps)

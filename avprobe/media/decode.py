@@ -1,10 +1,12 @@
 """Decode real clips with PyAV: video frames at a target fps, audio as 16 kHz mono float32.
 
-Frame sampling follows the upstream Qwen video processor (`Qwen2VLVideoProcessor.sample_frames`
-with `fps`): `n = total / video_fps * fps`, clamped to [min_frames, max_frames], floored to a
-multiple of the temporal patch (2), frames at `floor(i * total / n)`. The returned fps is the
-effective rate, `n / duration` (what qwen-vl-utils hands the processor), so a capped long clip
-keeps its true time axis. Resizing and patchifying happen later in `processing.patchify_video`.
+Frame sampling: `n = total / video_fps * fps`, clamped to [min_frames, max_frames], floored to
+a multiple of the temporal patch (2), as both qwen-omni-utils and transformers'
+`Qwen2VLVideoProcessor.sample_frames` count them. Which n frames is a rule (`frame_rule`):
+"linspace" picks `linspace(0, total - 1, n).round()` (qwen-omni-utils, which the paper's
+release ran; the default), "floor" picks `floor(i * total / n)` (transformers' sampler). The
+returned fps is the effective rate, `n / duration`, so a capped long clip keeps its true time
+axis. Resizing and patchifying happen later in `processing.patchify_video`.
 
 Audio is downmixed as the mean of all channels (what `librosa.load(mono=True)` does; LFE
 included) and resampled with a polyphase filter (`scipy.signal.resample_poly`).
@@ -32,6 +34,8 @@ DEFAULT_FPS = 2.0
 DEFAULT_MAX_FRAMES = 768  # Qwen2.5-Omni's FPS_MAX_FRAMES
 DEFAULT_MIN_FRAMES = 4
 FRAME_FACTOR = 2  # temporal patch size: sampled frame counts are multiples of it
+FRAME_RULES = ("linspace", "floor")
+DEFAULT_FRAME_RULE = "linspace"  # qwen-omni-utils' rule, the one the paper's release ran
 
 # A container's frame count may overstate what decodes by a frame or two (edit lists, B-frame
 # tails); beyond this slack a short stream is a truncated file, not a rounding issue.
@@ -69,8 +73,9 @@ def sample_indices(
     max_frames: int = DEFAULT_MAX_FRAMES,
     min_frames: int = DEFAULT_MIN_FRAMES,
     frame_factor: int = FRAME_FACTOR,
+    rule: str = DEFAULT_FRAME_RULE,
 ) -> np.ndarray:
-    """Indices of the source frames to keep, as the upstream Qwen video processor picks them.
+    """Indices of the source frames to keep, by `rule` (see the module docstring).
 
     A clip with fewer frames than `frame_factor` keeps all its frames (patchify pads by
     repeating the last one).
@@ -79,12 +84,20 @@ def sample_indices(
         raise ValueError(f"total_frames must be positive, got {total_frames}")
     if video_fps <= 0 or fps <= 0:
         raise ValueError(f"fps must be positive, got video_fps={video_fps}, fps={fps}")
+    if rule not in FRAME_RULES:
+        raise ValueError(f"frame rule must be one of {', '.join(FRAME_RULES)}; got {rule!r}")
     cap = math.floor(min(max_frames, total_frames) / frame_factor) * frame_factor
     n = total_frames / video_fps * fps
     n = min(max(n, min_frames), cap, total_frames)
     n = math.floor(n / frame_factor) * frame_factor
     if n <= 0:
         return np.arange(total_frames)
+    if rule == "linspace":
+        import torch
+
+        # torch's float32 linspace and half-to-even round, as qwen-omni-utils computes them,
+        # so ties round the same way
+        return torch.linspace(0, total_frames - 1, n).round().long().numpy()
     return np.floor(np.arange(n) * (total_frames / n)).astype(np.int64)
 
 
@@ -138,11 +151,12 @@ def decode_video(
     *,
     min_frames: int = DEFAULT_MIN_FRAMES,
     frame_factor: int = FRAME_FACTOR,
+    frame_rule: str = DEFAULT_FRAME_RULE,
 ) -> tuple[np.ndarray, float]:
     """Decode sampled frames of a clip: (frames uint8 [T, H, W, 3] RGB, effective fps)."""
     path = Path(path)
     total, video_fps = probe_video(path)
-    idx = sample_indices(total, video_fps, fps, max_frames, min_frames, frame_factor)
+    idx = sample_indices(total, video_fps, fps, max_frames, min_frames, frame_factor, frame_rule)
     wanted = {int(i): k for k, i in enumerate(idx)}
     last = int(idx[-1])
     out: list[np.ndarray | None] = [None] * len(idx)
@@ -251,8 +265,9 @@ def load_media(
     *,
     min_frames: int = DEFAULT_MIN_FRAMES,
     max_audio_seconds: float | None = None,
+    frame_rule: str = DEFAULT_FRAME_RULE,
 ) -> Media:
-    """Decode a file-backed sample's frames and 16 kHz mono audio.
+    """Decode a file-backed sample's frames (picked by `frame_rule`) and 16 kHz mono audio.
 
     Audio comes from `sample.audio` when set, else from the video's own track (a video with no
     audio track and no audio file is an error). A separate audio file is trimmed or zero-padded
@@ -265,7 +280,7 @@ def load_media(
         raise MediaError(None, f"sample {sample.id!r} names neither a video nor an audio file")
     frames, eff_fps = None, fps
     if sample.video is not None:
-        frames, eff_fps = decode_video(sample.video, fps, max_frames, min_frames=min_frames)
+        frames, eff_fps = decode_video(sample.video, fps, max_frames, min_frames=min_frames, frame_rule=frame_rule)
     if sample.audio is not None:
         wav = decode_audio(sample.audio, max_seconds=max_audio_seconds)
         if sample.video is not None:

@@ -57,7 +57,10 @@ def test_audio_in_video_layout_matches_upstream_processor(family, seconds, fps):
     gt, gh, gw = mi.inputs["video_grid_thw"][0].tolist()
     per_t = gh * gw // 4
     n_audio = ours.count("A")
-    upstream = _upstream_layout(Proc, gt, per_t, n_audio, 2 / fps, a.position_id_per_seconds)
+    # the processor is told the sampling fps (settings.fps), whatever rate the frames came at
+    second_per_grid = 2 / a.settings.fps
+    assert float(mi.inputs["video_second_per_grid"][0]) == second_per_grid
+    upstream = _upstream_layout(Proc, gt, per_t, n_audio, second_per_grid, a.config.position_id_per_seconds)
     assert "B" + ours + "E" == upstream
     # roles are read from ids, so interleaved chunks are labelled exactly
     roles = mi.roles[start + 1 : end].tolist()
@@ -106,7 +109,7 @@ def test_unknown_architecture_lists_supported_and_how_to_register():
 
 
 def test_missing_model_fails_with_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--model-path"):
+    with pytest.raises(FileNotFoundError, match="--model DIR"):
         load(str(tmp_path / "nope"))
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from avprobe.media.processing import VisionSpec, audio_features, patchify_video
+from avprobe.media.decode import DEFAULT_FRAME_RULE, FRAME_RULES
+from avprobe.media.processing import WHISPER_SECONDS, VisionSpec, audio_features, patchify_video
 from avprobe.types import Media, Role
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,15 @@ class AdapterSettings:
     judge: str | None = None  # the default fidelity judge for this model
     seconds_per_chunk: float = 2.0  # audio-in-video interleaving chunk (Qwen2.5-Omni)
     queries: tuple[str, ...] | None = None  # prompts to run (None: "describe what you see and hear")
+    # Which source frames a decoded clip keeps (`avprobe.media.decode.sample_indices`):
+    # "linspace" = linspace(0, total-1, n).round(), qwen-omni-utils' rule, which the paper's
+    # release ran; "floor" = floor(i*total/n), transformers' Qwen2VLVideoProcessor. Only file
+    # decoding uses it: the organisms' in-memory clips are rendered at `fps` and never sampled.
+    frame_rule: str = DEFAULT_FRAME_RULE
+
+    def __post_init__(self) -> None:
+        if self.frame_rule not in FRAME_RULES:
+            raise ValueError(f"frame_rule must be one of {', '.join(FRAME_RULES)}; got {self.frame_rule!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterSettings:
@@ -95,8 +105,12 @@ class ModelAdapter:
     }
     has_audio: ClassVar[bool] = True
     vision_defaults: ClassVar[dict[str, Any]] = {"min_pixels": 128 * 28 * 28, "max_pixels": 768 * 28 * 28}
-    # Rotary positions per second of media (Qwen2.5-Omni: 25; Qwen3-Omni: 13).
-    position_id_per_seconds: ClassVar[float] = 25.0
+    # Rotary positions per second of media when the config does not say (see the property).
+    default_position_id_per_seconds: ClassVar[float] = 25.0
+    # WhisperFeatureExtractor's padding and truncation as the family's processor passes them:
+    # Qwen2.5-Omni pads or cuts to the 30 s window, so a longer clip's audio ends at 30 s.
+    audio_padding: ClassVar[str] = "max_length"
+    audio_truncation: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -197,6 +211,17 @@ class ModelAdapter:
             "im_end": self._token_id("<|im_end|>"),
         }
 
+    @property
+    def position_id_per_seconds(self) -> float:
+        """Rotary positions per second of media, as the model's `get_rope_index` reads them
+        (`config.position_id_per_seconds`); the layout must use the same rate or audio and
+        video slots receive each other's positions."""
+        for src in (self.config, getattr(self.config, "thinker_config", None)):
+            v = getattr(src, "position_id_per_seconds", None) if src is not None else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+        return self.default_position_id_per_seconds
+
     def special(self, name: str) -> int:
         tid = self._specials.get(name)
         if tid is None:
@@ -246,9 +271,16 @@ class ModelAdapter:
     def audio_token_count(self, n_frames: int) -> int:
         return ((n_frames - 1) // 2 + 1 - 2) // 2 + 1
 
+    def second_per_grid(self, spec: VisionSpec, media: Media) -> float:
+        """Seconds one temporal grid spans for the model's positions: what the upstream Omni
+        processor sets, temporal_patch_size / the fps it is told (`settings.fps`), not the
+        clip's effective sampling rate (a capped or rounded frame count does not move it)."""
+        return spec.temporal_patch_size / self.settings.fps
+
     # ---- prompt construction ----------------------------------------------------------
     def media_segments(self, n_video: int, n_audio: int, video_times: np.ndarray) -> list[int]:
-        """Token ids of the media block for n video and n audio tokens (family-specific)."""
+        """Token ids of the media block for n video and n audio tokens (family-specific);
+        `video_times` are each video token's start on the model's time axis (grid * second_per_grid)."""
         raise NotImplementedError
 
     def prompt_segments(self, media_ids: list[int], query: str) -> list[Segment]:
@@ -271,7 +303,7 @@ class ModelAdapter:
         reply (plus the closing im_end) with labels on it."""
         tensors: dict[str, Any] = {}
         n_video = n_audio = 0
-        video_times = np.zeros(0)
+        grid_times = clip_times = np.zeros(0)
         spec = self.vision_spec()
         if media.frames is not None:
             frames = media.frames[: spec.max_frames]
@@ -281,17 +313,21 @@ class ModelAdapter:
             gt, gh, gw = (int(x) for x in grid[0])
             per_t = gh * gw // spec.merge_size**2
             n_video = gt * per_t
-            second_per_grid = spec.temporal_patch_size / media.fps
-            video_times = np.repeat(np.arange(gt) * second_per_grid, per_t)
+            second_per_grid = self.second_per_grid(spec, media)
+            # the model's time axis (layout, positions) and the clip's (the `times` annotation)
+            grid_times = np.repeat(np.arange(gt) * second_per_grid, per_t)
+            clip_times = np.repeat(np.arange(gt) * (spec.temporal_patch_size / media.fps), per_t)
             tensors.update(self._video_time_kwargs(second_per_grid))
         if media.waveform is not None and self.has_audio:
-            feats, fmask = audio_features(media.waveform, self.n_mels())
+            feats, fmask = audio_features(
+                media.waveform, self.n_mels(), padding=self.audio_padding, truncation=self.audio_truncation
+            )
             tensors["input_features"] = feats.to(self.dtype)
             tensors["feature_attention_mask"] = fmask
             n_audio = self.audio_token_count(int(fmask.sum()))
         if n_video == 0 and n_audio == 0:
             raise ValueError("sample has neither video frames nor (for this model) audio")
-        media_ids = self.media_segments(n_video, n_audio, video_times)
+        media_ids = self.media_segments(n_video, n_audio, grid_times)
         ids = self._tokenize_segments(self.prompt_segments(media_ids, query))
         prompt_len = len(ids)
         labels = None
@@ -302,9 +338,9 @@ class ModelAdapter:
         input_ids = torch.tensor([ids])
         tensors["input_ids"] = input_ids
         tensors["attention_mask"] = torch.ones_like(input_ids)
-        tensors.update(self._forward_flags())
+        tensors.update(self._forward_flags(has_video=n_video > 0, has_audio=n_audio > 0))
         roles = self.label_roles(input_ids)
-        times = self._position_times(roles, video_times, n_audio, media)
+        times = self._position_times(roles, clip_times, n_audio, media)
         mi = ModelInputs(
             inputs=tensors,
             roles=roles,
@@ -326,14 +362,19 @@ class ModelAdapter:
         apos = torch.nonzero(roles == int(Role.AUDIO)).flatten()
         if len(apos) and media.waveform is not None:
             dur = media.waveform.size / media.sample_rate
+            if self.audio_truncation:
+                dur = min(dur, WHISPER_SECONDS)  # the tokens cover only what was kept
             times[apos] = torch.arange(len(apos), dtype=torch.float32) * (dur / max(len(apos), 1))
         return times
 
     def _video_time_kwargs(self, second_per_grid: float) -> dict[str, Any]:
         return {"video_second_per_grid": torch.tensor([second_per_grid])}
 
-    def _forward_flags(self) -> dict[str, Any]:
-        return {"use_audio_in_video": self.settings.use_audio_in_video}
+    def _forward_flags(self, has_video: bool, has_audio: bool) -> dict[str, Any]:
+        """Flags passed to forward. A video without audio must not say use_audio_in_video:
+        the model's own positions would then count no video and number its tokens as text.
+        Audio-only inputs keep the setting (it changes nothing there), so stored inputs stay."""
+        return {"use_audio_in_video": self.settings.use_audio_in_video and (has_audio or not has_video)}
 
     def compute_positions(self, mi: ModelInputs) -> torch.Tensor:
         """Explicit rotary positions [3, 1, P] for the whole sequence (family-specific)."""

@@ -33,7 +33,6 @@ class OmniThinkerAdapter(ModelAdapter):
         "Qwen2_5OmniForConditionalGeneration",
         "Qwen2_5OmniModel",
     )
-    position_id_per_seconds: ClassVar[float] = 25.0
 
     def media_segments(self, n_video: int, n_audio: int, video_times: np.ndarray) -> list[int]:
         v, a = self.special("video"), self.special("audio")
@@ -79,6 +78,3 @@ class OmniThinkerAdapter(ModelAdapter):
                 inp.get("video_second_per_grid"),
             )
         return pos
-
-    def _forward_flags(self) -> dict[str, Any]:
-        return {"use_audio_in_video": self.settings.use_audio_in_video}

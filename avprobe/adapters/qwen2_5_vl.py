@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from avprobe.adapters.base import ModelAdapter, ModelInputs
-from avprobe.types import Role
+from avprobe.media.processing import VisionSpec
+from avprobe.types import Media, Role
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -22,10 +23,15 @@ class QwenVLAdapter(ModelAdapter):
             raise ValueError(f"{self.name} is vision-only: the sample has no video frames")
         return [self.special("vision_start")] + [self.special("video")] * n_video + [self.special("vision_end")]
 
+    def second_per_grid(self, spec: VisionSpec, media: Media) -> float:
+        """Qwen2_5_VLProcessor (5.x) divides by the sampled rate from the video's metadata
+        (`VideoMetadata.sampled_fps`, frames kept / duration), i.e. the clip's effective fps."""
+        return spec.temporal_patch_size / media.fps
+
     def _video_time_kwargs(self, second_per_grid: float) -> dict[str, Any]:
         return {"second_per_grid_ts": torch.tensor([second_per_grid])}
 
-    def _forward_flags(self) -> dict[str, Any]:
+    def _forward_flags(self, has_video: bool, has_audio: bool) -> dict[str, Any]:
         return {}
 
     def build_inputs(self, media, query, answer=None) -> ModelInputs:

@@ -1,5 +1,6 @@
 """Qwen3-Omni-MoE thinker: same inputs as Qwen2.5-Omni; different audio length formula,
-interleaving (per video grid, by time) and 13 rotary positions per second."""
+interleaving (per video grid, by time), rotary positions per second from its config (the
+released checkpoint: 13), and audio padded to its own length, never cut at 30 s."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ class Qwen3OmniThinkerAdapter(OmniThinkerAdapter):
         "Qwen3OmniMoeThinkerForConditionalGeneration",
         "Qwen3OmniMoeForConditionalGeneration",
     )
-    position_id_per_seconds: ClassVar[float] = 13.0
+    default_position_id_per_seconds: ClassVar[float] = 13.0  # the processor's, if a config lacks it
     vision_defaults = {"min_pixels": 128 * 32 * 32, "max_pixels": 768 * 32 * 32}
+    # its processor: padding=True (the clip's own length), truncation=False (never cut at 30 s)
+    audio_padding: ClassVar[str] = "longest"
+    audio_truncation: ClassVar[bool] = False
 
     def audio_token_count(self, n_frames: int) -> int:
         n_window = int(getattr(getattr(self.config, "audio_config", None), "n_window", 50))

@@ -3,7 +3,8 @@
 Video: resize each frame to a multiple of patch*merge under a pixel budget (`smart_resize`),
 normalise with the CLIP mean/std, pad to an even frame count and patchify into
 `pixel_values_videos` [n_patches, C*tp*p*p] with `video_grid_thw` [gt, gh, gw].
-Audio: Whisper log-mel features through `WhisperFeatureExtractor` (numpy only).
+Audio: Whisper log-mel features through `WhisperFeatureExtractor`, padded and truncated as
+the family's processor asks (Qwen2.5-Omni: to Whisper's 30 s window).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WHISPER_SECONDS = 30.0  # WhisperFeatureExtractor's window (n_samples / sampling_rate)
 
 
 @dataclass(frozen=True)
@@ -90,11 +92,16 @@ def _feature_extractor(n_mels: int):
     return WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=16_000)
 
 
-def audio_features(waveform: np.ndarray, n_mels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def audio_features(
+    waveform: np.ndarray, n_mels: int, *, padding: str = "max_length", truncation: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """16 kHz mono float32 -> (input_features [1, n_mels, F], feature_attention_mask [1, F]).
 
-    Features are cut to the clip's own length (no 30 s padding), as the Omni processor's
-    attention mask does; the audio tower sees only real frames.
+    `padding` and `truncation` go to WhisperFeatureExtractor as the family's processor passes
+    them: Qwen2.5-Omni "max_length" + truncation (the defaults: padded or cut to Whisper's 30 s
+    window, so a 40 s clip gives 3000 frames, 750 tokens); Qwen3-Omni "longest" without
+    truncation (the clip's own length, never cut). Features are then cut to the real frames,
+    as the processor's attention mask marks them: the audio tower sees only those.
     """
     if waveform.ndim != 1:
         raise ValueError(f"waveform must be mono [N], got shape {waveform.shape}")
@@ -105,9 +112,8 @@ def audio_features(waveform: np.ndarray, n_mels: int) -> tuple[torch.Tensor, tor
         waveform.astype(np.float32),
         sampling_rate=16_000,
         return_attention_mask=True,
-        padding="max_length",
-        max_length=max(waveform.size, fe.n_samples),
-        truncation=False,
+        padding=padding,
+        truncation=truncation,
         return_tensors="np",
     )
     n = int(out["attention_mask"].sum())

@@ -43,12 +43,15 @@ def renderer_for(sample: Sample) -> Renderer:
         ) from None
 
 
-def load_sample_media(sample: Sample, fps: float | None = None, max_frames: int | None = None) -> Media:
-    """The decoded media of one sample: from its files, else from its renderer."""
+def load_sample_media(sample: Sample, fps: float | None = None, max_frames: int | None = None,
+                      frame_rule: str | None = None) -> Media:
+    """The decoded media of one sample: from its files (frames picked by `frame_rule`, see
+    `avprobe.media.decode`), else from its renderer."""
     if sample.video is not None or sample.audio is not None:
         from avprobe.media.decode import load_media
 
-        kw = {k: v for k, v in (("fps", fps), ("max_frames", max_frames)) if v is not None}
+        kw = {k: v for k, v in (("fps", fps), ("max_frames", max_frames), ("frame_rule", frame_rule))
+              if v is not None}
         return load_media(sample, **kw)
     if sample.media_key:
         return renderer_for(sample)(sample)

@@ -181,7 +181,9 @@ def collect(
             try:
                 if media is None:
                     media = (media_loader(sample) if media_loader is not None else
-                             load_sample_media(sample, fps=adapter.settings.fps, max_frames=adapter.settings.max_frames))
+                             load_sample_media(sample, fps=adapter.settings.fps,
+                                               max_frames=adapter.settings.max_frames,
+                                               frame_rule=adapter.settings.frame_rule))
                 record = compute_record(adapter, sample, media, query, protocol, base)
             except Exception as exc:  # noqa: BLE001 - one bad sample must not end the run
                 err = SampleError(sample.id, "engine" if media is not None else "decode",

@@ -99,14 +99,12 @@ class CollectCounts:
         return self.samples * self.queries
 
     def add_failure(self, err: SampleError) -> None:
-        """Count a `SampleError`, grouped by stage and exception type."""
+        """Count a `SampleError`, grouped by its cause (`avprobe.media.manifest.failure_cause`:
+        ten different decode causes are ten groups, one cause on many files is one)."""
+        from avprobe.media.manifest import add_failure
+
         self.failed += 1
-        kind = err.reason.split(":", 1)[0].strip() if ":" in err.reason else err.reason
-        group = f"{err.stage}: {kind}"
-        g = self.failures.setdefault(group, {"count": 0, "examples": []})
-        g["count"] += 1
-        if len(g["examples"]) < MAX_EXAMPLES:
-            g["examples"].append({"sample_id": err.sample_id, "path": err.path, "reason": err.reason})
+        add_failure(self.failures, err, MAX_EXAMPLES)
 
     def add_scores(self, scores: Iterable[Any]) -> None:
         for s in scores:

@@ -1,5 +1,8 @@
 """avprobe's pytest plugin: options in one group, thin fixtures; the work lives in avprobe.
 
+Loaded by the checkout's root conftest.py (not a pytest11 entry point), so an installed
+avprobe adds nothing to other projects' pytest runs.
+
     pytest claims/ --model qwen2.5-omni-3b            # a reproducibility report
     pytest claims/ --model organism --model organism-control --report reports/claims.html
 
@@ -101,8 +104,16 @@ def _qid(query: str) -> str:
 
 @pytest.fixture
 def evidence(request: pytest.FixtureRequest, model_name: str):
-    """One model's stored results with judged fidelities (computed on a cache miss)."""
-    return _session(request.config).evidence(model_name)
+    """One model's stored results with judged fidelities (computed on a cache miss). A model
+    that cannot be resolved or a store that lacks results is one message, not a traceback."""
+    from avprobe.pipeline.gather import GatherError
+    from avprobe.store import StoreError
+
+    try:
+        return _session(request.config).evidence(model_name)
+    except (FileNotFoundError, ValueError, GatherError, StoreError) as exc:
+        msg = str(exc)
+        pytest.fail(msg if msg.startswith(model_name) else f"{model_name}: {msg}", pytrace=False)
 
 
 @pytest.fixture
@@ -184,12 +195,24 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(f"avprobe: claim report written to {path}")
 
 
+def _in_claims(arg: str) -> bool:
+    """Whether a command-line path (or node id) lies in the claims directory."""
+    from avprobe.claim import CLAIMS_TOML
+
+    try:
+        path = Path(str(arg).split("::", 1)[0]).resolve()
+    except (OSError, ValueError):
+        return False
+    claims = CLAIMS_TOML.parent.resolve()
+    return path == claims or claims in path.parents
+
+
 class Session:
     """Per-process state: options, the store, and one Evidence per model (lazily built)."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.active = any("claims" in str(a) for a in config.args) or bool(config.getoption("model", None))
+        self.active = bool(config.getoption("model", None)) or any(_in_claims(a) for a in config.args)
         self.models: list[str] = config.getoption("model", None) or [_DEFAULT_MODEL]
         self.seed = 0
         root = Path(str(config.rootpath))

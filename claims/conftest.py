@@ -1,1 +1,2 @@
-# Claims run through the avprobe pytest plugin (registered by the package); see avprobe/pytest_plugin.py.
+# The claims run through avprobe's pytest plugin, loaded by the checkout's root conftest.py
+# (see avprobe/pytest_plugin.py).

@@ -60,14 +60,17 @@ def test_offline_cache_miss_names_what_is_missing(pytester, tiny_model_dir, tmp_
                "--store", str(tmp_path / "empty"), "--offline")
     out = res.stdout.str()
     assert res.ret != 0
-    assert "CacheMiss" in out and "sample" in out
+    # one message per test: how many results are missing and the command that computes them
+    assert "2 of 2 results missing in the read-only store" in out and "avprobe collect --model" in out
+    assert "--limit 2" in out and "Traceback" not in out
 
 
 def test_unknown_model_fails_clearly(pytester, tmp_path):
     res = _run(pytester, str(CLAIMS / "test_visual_bias.py"), "--model", str(tmp_path / "nope"),
                "--store", str(tmp_path / "s"))
     assert res.ret != 0
-    assert "--model-path" in res.stdout.str()
+    out = res.stdout.str()
+    assert "--model DIR" in out and "Traceback" not in out and len(res.stdout.lines) < 120
 
 
 def _organism_results_present() -> bool:
@@ -145,3 +148,23 @@ def test_a_failed_gather_is_reported_by_every_test(pytester, tmp_path):
     out = res.stdout.str()
     assert out.count("cannot load model") >= 2  # every test says why
     assert "hf download" in out and "--model-path" not in out
+
+
+def test_installed_avprobe_adds_no_options_to_another_project(pytester):
+    """Another project whose conftest defines --device and --model: installing avprobe must
+    not break its test run (the plugin is the checkout's conftest, not an entry point)."""
+    pytester.makeconftest('''
+def pytest_addoption(parser):
+    parser.addoption("--device", default="x")
+    parser.addoption("--model", default="y")
+''')
+    pytester.makepyfile("def test_mine(pytestconfig):\n    assert pytestconfig.getoption('device') == 'gpu'\n")
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--device", "gpu")
+    res.assert_outcomes(passed=1)
+
+
+def test_a_typo_in_model_names_the_close_aliases():
+    from avprobe.adapters import ref
+
+    with pytest.raises(FileNotFoundError, match=r"did you mean 'organism-control'\?.*Known names: .*qwen2.5-omni"):
+        ref("organsim-control")

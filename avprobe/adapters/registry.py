@@ -154,9 +154,15 @@ def _config(name_or_path: str, local_files_only: bool) -> tuple[str, AdapterSett
         )
     try:
         config = AutoConfig.from_pretrained(target, local_files_only=local_files_only)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: the hub's check of a name that is no repo id
+        import difflib
+
+        known = sorted({*ALIASES, *ORGANISMS})
+        close = difflib.get_close_matches(name_or_path, known, n=3, cutoff=0.6)
+        hint = (f"did you mean {' or '.join(repr(c) for c in close)}? " if close else "") + (
+            f"Known names: {', '.join(known)}. " if "/" not in name_or_path else "")
         raise FileNotFoundError(
-            f"cannot load model {name_or_path!r} ({target}): not a local directory and not in the local "
+            f"{hint}cannot load model {name_or_path!r} ({target}): not a local directory and not in the local "
             f"HF cache. Download it first (`hf download {target}`, then rerun; or pass --allow-download), "
             f"or give the local snapshot directory as --model DIR. ({exc})"
         ) from exc

@@ -308,7 +308,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="concept | openai[:MODEL] | transformers:MODEL_OR_PATH | embedding (default: the model's, else openai)")
     g.add_argument("--judge-url", dest="judge_url", metavar="URL", help="OpenAI-compatible base URL (else $AVPROBE_JUDGE_URL)")
     g.add_argument("--judge-concurrency", dest="judge_concurrency", type=int, metavar="N", help="parallel judge requests (default 8)")
-    g.add_argument("--judge-timeout", dest="judge_timeout", type=float, metavar="S", help="seconds per judge socket operation")
+    g.add_argument("--judge-timeout", dest="judge_timeout", type=float, metavar="S", help="seconds one attempt of a judge request may take in all (connect to last byte)")
     g.add_argument("--judge-retries", dest="judge_retries", type=int, metavar="N", help="retries on 429, 5xx, timeouts (default 4)")
     g.add_argument("--judge-batch-size", dest="judge_batch_size", type=int, metavar="N", help="batch size of the transformers judge")
     p.set_defaults(func=_cmd_collect)

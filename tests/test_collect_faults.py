@@ -206,7 +206,7 @@ def test_broken_media_and_failing_judge_counted_exactly(model_dir: Path, tmp_pat
         summary = run_inprocess(
             collect_args(model_dir, store, "--experiments", "caption,judge", "--judge", "openai:fake-judge",
                          "--judge-url", server.url, "--judge-retries", "0", "--judge-concurrency", "4",
-                         samples=str(manifest)),
+                         "--errors-out", str(tmp_path / "errors.jsonl"), samples=str(manifest)),
             tmp_path / "summary.json",
         )
         statuses = server.statuses()
@@ -218,6 +218,9 @@ def test_broken_media_and_failing_judge_counted_exactly(model_dir: Path, tmp_pat
     assert len(c["failures"]) == 3 and all(g.startswith("decode: MediaError") for g in c["failures"]), c["failures"]
     assert {e["sample_id"] for g in c["failures"].values() for e in g["examples"]} == {"clip03", "clip14", "clip25"}
     assert "3 samples failed" in out
+    errors = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["sample_id"] for e in errors) == ["clip03", "clip14", "clip25"]  # every cause, not 3 per group
+    assert all(e["stage"] == "decode" and e["reason"] for e in errors)
 
     # The exact expectation, from what was stored: one item per caption and reference modality.
     st = Store(store, readonly=True)

@@ -138,9 +138,24 @@ def run_collect(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     }
     log.info("%s: %d samples (shard %s), protocol %s, experiments %s, store %s", mref.name, len(mine), shard,
              protocol.key(), ",".join(sorted(experiments)), args.store)
+    errors_file = None
+    if args.errors_out is not None:
+        path = args.errors_out if shard.world == 1 else _part_path(args.errors_out, shard).with_suffix(".jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        errors_file = path.open("w")
+        info["errors_out"] = str(path)
+
+    def on_failure(err: Any) -> None:
+        """Every failed sample's cause, one JSON line each, written as it happens."""
+        if errors_file is not None:
+            from dataclasses import asdict
+
+            errors_file.write(json.dumps(asdict(err)) + "\n")
+            errors_file.flush()
+
     try:
         result = gather(
-            mref, mine, store, protocol, judge=judge,
+            mref, mine, store, protocol, judge=judge, on_failure=on_failure,
             base_model=(args.base_model or mref.settings.base_model) if "shift" in experiments else None,
             device=args.device, dtype=args.dtype, allow_download=args.allow_download, refresh=args.refresh,
             keep=False,  # only counters: memory stays flat over any number of samples
@@ -152,6 +167,8 @@ def run_collect(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     finally:
         if judge is not None:
             judge.close()
+        if errors_file is not None:
+            errors_file.close()
     counts = result.counts
     counts.peak_rss_mb = _peak_rss_mb()
     return counts, info
@@ -300,6 +317,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also write the summary as JSON (sharded: one file per shard, merged by rank 0)")
     p.add_argument("--merge-timeout", dest="merge_timeout", type=float, default=3600.0, metavar="S",
                    help="how long rank 0 waits for the other shards' summaries (default 3600)")
+    p.add_argument("--errors-out", dest="errors_out", type=Path, metavar="FILE.jsonl",
+                   help="every failed sample's cause as JSON lines (the summary groups them; sharded: one per rank)")
     p.add_argument("--run-id", dest="run_id", metavar="ID",
                    help="identifies this run's shard summaries (default: the launcher's TORCHELASTIC_RUN_ID)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")

@@ -1,4 +1,4 @@
-"""avprobe command line: collect | organism | dataset | judge | report | bench | calibrate.
+"""avprobe command line: collect | organism | dataset | judge | report | bench | calibrate | inputs.
 
 Each area owns its subcommand in `avprobe/<area>/cli.py` (a `register(subparsers)` function
 that adds a parser whose `func` takes the parsed args and returns an exit code), so the CLI
@@ -21,6 +21,7 @@ _AREAS = {
     "report": "avprobe.report.cli",
     "bench": "avprobe.bench.cli",
     "calibrate": "avprobe.calibrate_cli",
+    "inputs": "avprobe.adapters.cli",
 }
 
 

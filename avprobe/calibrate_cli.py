@@ -51,7 +51,7 @@ def _cmd(args: argparse.Namespace) -> int:
         log.error("--n: clips per kind, at least 2 (the claims skip below their min_n)")
         return 2
     tasks = [(sc.claim, sc.name, sc.scope, n, args.reps if sc.effect == "null" else (args.power_reps or args.reps),
-              args.seed, args.n_boot) for sc in scenarios() if sc.claim in claims for n in ns]
+              args.seed, args.n_boot) for n in ns for sc in scenarios() if sc.claim in claims]  # the first n first
     console = Console(stderr=True)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []

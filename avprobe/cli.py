@@ -28,6 +28,9 @@ _AREAS = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avprobe", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from avprobe import __version__
+
+    parser.add_argument("--version", action="version", version=f"avprobe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in _AREAS.items():
         if only is not None and name != only:

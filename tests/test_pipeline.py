@@ -117,3 +117,12 @@ def test_a_stale_shard_summary_of_another_run_is_not_merged(tmp_path):
     total, missing = _merge_parts(out, 2, since=0.0, timeout=0.6, run_id="new")
     assert missing == [1] and total.computed == 3
 
+
+
+def test_version(capsys):
+    from avprobe import __version__
+    from avprobe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"avprobe {__version__}"

@@ -136,10 +136,10 @@ def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], co
     with attn.using(capture):
         if config.lens is not None and len(lens_pos):
             with capture_hidden(adapter, lens_pos) as hidden:
-                model(**kw, use_cache=False, logits_to_keep=1)
+                model(**kw, use_cache=False, logits_to_keep=adapter.prefill_logits_to_keep(P - 1, all_rows=True))
             lens_result = decode_hidden(adapter, hidden, lens_pos, config.lens)
         else:
-            model(**kw, use_cache=False, logits_to_keep=1)
+            model(**kw, use_cache=False, logits_to_keep=adapter.prefill_logits_to_keep(P - 1))
 
     # 2. batched decode of all condition rows over the shared prefix
     masks = build_masks(conditions, roles, L)
@@ -164,20 +164,19 @@ def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], co
     tracker = RuleTracker(masks.rules)
     eos = adapter.eos_ids
     eos_idx = torch.tensor(sorted(eos), dtype=torch.long, device=dev) if config.suppress_eos and eos else None
-    last_pos = mi.positions[:, 0, P - 1].to(dev)  # [3]
     tokens = torch.full((B,), int(mi.input_ids[0, P - 1]), dtype=torch.long, device=dev)
     out_ids: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     steps_taken = [0] * B
     logprobs = [] if config.keep_logprobs else None
     topk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    text_model, embed, unembed = adapter.text_model, adapter.embed, adapter.unembed
+    text_model = adapter.text_model
     with attn.using(session):
         for t in range(T):
             session.t = t
-            pos = (last_pos + t).view(3, 1, 1).expand(3, B, 1)
-            h = text_model(inputs_embeds=embed(tokens)[:, None, :], position_ids=pos, use_cache=False)
-            logits = unembed(h.last_hidden_state[:, -1]).float()
+            pos = adapter.step_positions(mi, t, B).to(dev)  # the family's rotary layout
+            h = text_model(**adapter.decode_inputs(tokens), position_ids=pos, use_cache=False)
+            logits = adapter.logits(h.last_hidden_state[:, -1]).float()
             if logprobs is not None:
                 logprobs.append(torch.log_softmax(logits[base_row], -1).cpu())
             spread = logits.std(-1) if config.keep_topk else None
@@ -257,7 +256,6 @@ def _reference_decode(adapter: ModelAdapter, mi: ModelInputs, condition: Conditi
     eos = adapter.eos_ids
     cache = DynamicCache(config=adapter.text_config)
     kw = adapter.forward_kwargs(mi, upto=P)
-    last_pos = mi.positions[:, 0, P - 1].to(adapter.device)
     ids: list[int] = []
     with attn.using(session):
         out = adapter.model(**kw, cache=cache, use_cache=True, logits_to_keep=1)
@@ -268,7 +266,7 @@ def _reference_decode(adapter: ModelAdapter, mi: ModelInputs, condition: Conditi
                 break
             if tracker.step([tok])[0]:
                 session.picked.add(P + t)
-            pos = (last_pos + t + 1).view(3, 1, 1)
+            pos = adapter.step_positions(mi, t + 1, 1).to(adapter.device)
             out = adapter.model(
                 input_ids=torch.tensor([[tok]], device=adapter.device),
                 position_ids=pos,

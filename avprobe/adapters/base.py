@@ -1,12 +1,20 @@
 """The ModelAdapter interface: everything model-specific lives behind it.
 
-An adapter knows how to (1) build model inputs for a decoded sample without torchvision,
-(2) label every prompt position's role from token ids, (3) compute the model's explicit
-(M-RoPE) positions, and (4) find its canonical parts: `layers`, `final_norm`, `unembed`,
-`embed`, `text_model`. Probes and the engine speak only these canonical names.
+The base class assumes no model family. Each adapter declares, as class data or small hooks:
 
-Adapters are mostly data: subclasses fill `paths` and a few class attributes and override
-only what their family does differently.
+- its canonical parts (`paths`: `text_model`, `layers`, `final_norm`, `embed`, `unembed`);
+- how a checkpoint's full model is unwrapped into the probed part (`checkpoints`) and where
+  its text config sits (`text_config_of`), so the registry never names an architecture;
+- its special tokens (`special_tokens`: config attributes or token strings) and the token
+  that ends a turn (`turn_end`: an EOS for decoding, the close of a teacher-forced answer);
+- its prompt format (`prompt_segments`) and media layout (`encode_video`, `encode_audio`,
+  `media_segments`), built without torchvision;
+- its rotary positions, for the prompt (`compute_positions`) and for decode steps
+  (`step_positions`), whatever their layout (Qwen's three M-RoPE axes, Gemma's one);
+- how a decode step is fed (`decode_inputs`), how hidden states become logits (`logits`),
+  and a tiny random model of the family for tests (`tiny`).
+
+Probes and the engine speak only these canonical names and hooks.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ import torch
 from torch import nn
 
 from avprobe.media.decode import DEFAULT_FRAME_RULE, FRAME_RULES
-from avprobe.media.processing import WHISPER_SECONDS, VisionSpec, audio_features, patchify_video
 from avprobe.types import Media, Role
 
 log = logging.getLogger(__name__)
@@ -70,8 +77,9 @@ class ModelInputs:
     """Inputs of one prompt (batch 1) plus per-position annotations.
 
     roles: [P] Role values; times: [P] seconds into the clip for video/audio positions,
-    NaN elsewhere; positions: [3, 1, P] explicit rotary positions; labels: [1, P] with -100
-    outside the answer (only when an answer was given, for training / teacher forcing).
+    NaN elsewhere; positions: explicit rotary positions in the family's layout, the sequence
+    on the last axis (Qwen M-RoPE [3, 1, P], Gemma [1, P]); labels: [1, P] with -100 outside
+    the answer (only when an answer was given, for training / teacher forcing).
     """
 
     inputs: dict[str, Any]
@@ -90,27 +98,40 @@ class ModelInputs:
         return torch.nonzero(self.roles == int(role)).flatten()
 
 
+@dataclass
+class MediaTokens:
+    """One modality of a sample, encoded for the model: its input tensors, how many prompt
+    tokens it fills, and per token its time (the model's time axis, for the layout; and
+    seconds into the clip, for the `times` annotation). `layout` holds what else the family's
+    `media_segments` needs (e.g. tokens per frame)."""
+
+    tensors: dict[str, Any]
+    n_tokens: int
+    times: np.ndarray  # [n_tokens] the model's time axis (may be empty where unused)
+    clip_times: torch.Tensor  # [n_tokens] float32 seconds into the clip
+    layout: dict[str, Any] = field(default_factory=dict)
+
+
 class ModelAdapter:
-    """Base adapter. Subclasses set the class attributes and override the hooks."""
+    """Base adapter: no family. Subclasses declare the class data and implement the hooks
+    marked "family-specific"."""
 
     family: ClassVar[str] = "base"
     architectures: ClassVar[tuple[str, ...]] = ()
-    # canonical name -> attribute path on the loaded model
-    paths: ClassVar[dict[str, str]] = {
-        "text_model": "model.language_model",
-        "layers": "model.language_model.layers",
-        "final_norm": "model.language_model.norm",
-        "embed": "model.language_model.embed_tokens",
-        "unembed": "lm_head",
-    }
+    # config.architectures[0] of a checkpoint -> (transformers class that loads it, attribute
+    # of the loaded model that is probed, or None for the model itself). Architectures not
+    # listed load as themselves.
+    checkpoints: ClassVar[dict[str, tuple[str, str | None]]] = {}
+    # canonical name -> attribute path on the probed model (every family declares all five)
+    paths: ClassVar[dict[str, str]] = {}
+    # special name -> where its id is found: config attribute names (searched in the config,
+    # then its text config), or token strings ("<...>") looked up in the tokenizer
+    special_tokens: ClassVar[dict[str, tuple[str, ...]]] = {}
+    turn_end: ClassVar[str | None] = None  # the special that closes a turn
     has_audio: ClassVar[bool] = True
-    vision_defaults: ClassVar[dict[str, Any]] = {"min_pixels": 128 * 28 * 28, "max_pixels": 768 * 28 * 28}
-    # Rotary positions per second of media when the config does not say (see the property).
-    default_position_id_per_seconds: ClassVar[float] = 25.0
-    # WhisperFeatureExtractor's padding and truncation as the family's processor passes them:
-    # Qwen2.5-Omni pads or cuts to the 30 s window, so a longer clip's audio ends at 30 s.
-    audio_padding: ClassVar[str] = "max_length"
-    audio_truncation: ClassVar[bool] = True
+    position_batch_dim: ClassVar[int] = 0  # the batch axis of `ModelInputs.positions`
+    # per-position model inputs: cut with the prompt by `forward_kwargs(upto=...)`
+    per_token_inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
 
     def __init__(
         self,
@@ -128,10 +149,41 @@ class ModelAdapter:
         self.config = model.config
         self._specials = self._special_ids()
 
+    # ---- loading (the registry asks these; no architecture names outside adapters) ---------
+    @classmethod
+    def load_pretrained(cls, architecture: str, target: str, **kw: Any) -> nn.Module:
+        """Load a checkpoint and return the part this adapter probes."""
+        import transformers
+
+        class_name, part = cls.checkpoints.get(architecture, (architecture, None))
+        model = getattr(transformers, class_name).from_pretrained(target, **kw)
+        if part is None:
+            return model
+        if hasattr(model, "disable_talker"):  # a speech head the probes never use
+            model.disable_talker()
+        return getattr(model, part)
+
+    @classmethod
+    def text_config_of(cls, config: Any, architecture: str) -> Any:
+        """The text model's config inside a checkpoint's config (read before loading)."""
+        _, part = cls.checkpoints.get(architecture, (architecture, None))
+        if part is not None:
+            config = getattr(config, f"{part}_config")
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @classmethod
+    def tiny(cls, n_layers: int = 4, seed: int = 0, **kw: Any) -> ModelAdapter:
+        """A tiny random model of this family, built from the real config classes (tests,
+        benchmarks; no weights)."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny model")
+
     # ---- canonical parts -------------------------------------------------------------
     def _get(self, canonical: str) -> Any:
+        path = self.paths.get(canonical)
+        if path is None:
+            raise NotImplementedError(f"{type(self).__name__} declares no path for {canonical!r} (ModelAdapter.paths)")
         obj: Any = self.model
-        for part in self.paths[canonical].split("."):
+        for part in path.split("."):
             obj = getattr(obj, part)
         return obj
 
@@ -179,9 +231,9 @@ class ModelAdapter:
             if eos is None:
                 continue
             ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-        im_end = self._token_id("<|im_end|>")
-        if im_end is not None:
-            ids.add(im_end)
+        end = self._specials.get(self.turn_end) if self.turn_end else None
+        if end is not None:
+            ids.add(end)
         return ids
 
     # ---- tokens and roles ------------------------------------------------------------
@@ -190,37 +242,27 @@ class ModelAdapter:
         unk = getattr(self.tokenizer, "unk_token_id", None)
         return None if tid is None or tid == unk else int(tid)
 
+    def _config_sources(self) -> tuple[Any, ...]:
+        return (self.config, self.text_config)
+
     def _cfg(self, *names: str) -> int | None:
-        for src in (self.config, getattr(self.config, "thinker_config", None)):
+        for src in self._config_sources():
             for n in names:
                 v = getattr(src, n, None) if src is not None else None
-                if isinstance(v, int):
+                if isinstance(v, int) and not isinstance(v, bool):
                     return v
         return None
 
     def _special_ids(self) -> dict[str, int | None]:
-        return {
-            "video": self._cfg("video_token_id", "video_token_index"),
-            "audio": self._cfg("audio_token_id", "audio_token_index"),
-            "image": self._cfg("image_token_id", "image_token_index"),
-            "vision_start": self._cfg("vision_start_token_id"),
-            "vision_end": self._cfg("vision_end_token_id"),
-            "audio_start": self._cfg("audio_start_token_id"),
-            "audio_end": self._cfg("audio_end_token_id"),
-            "im_start": self._token_id("<|im_start|>"),
-            "im_end": self._token_id("<|im_end|>"),
-        }
-
-    @property
-    def position_id_per_seconds(self) -> float:
-        """Rotary positions per second of media, as the model's `get_rope_index` reads them
-        (`config.position_id_per_seconds`); the layout must use the same rate or audio and
-        video slots receive each other's positions."""
-        for src in (self.config, getattr(self.config, "thinker_config", None)):
-            v = getattr(src, "position_id_per_seconds", None) if src is not None else None
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                return float(v)
-        return self.default_position_id_per_seconds
+        out: dict[str, int | None] = {}
+        for name, where in self.special_tokens.items():
+            tid = None
+            for w in where:
+                tid = self._token_id(w) if w.startswith("<") else self._cfg(w)
+                if tid is not None:
+                    break
+            out[name] = tid
+        return out
 
     def special(self, name: str) -> int:
         tid = self._specials.get(name)
@@ -250,47 +292,28 @@ class ModelAdapter:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    # ---- vision / audio preprocessing -------------------------------------------------
-    def vision_spec(self) -> VisionSpec:
-        vc = getattr(self.config, "vision_config", None)
-        s = self.settings
-        return VisionSpec(
-            patch_size=int(getattr(vc, "patch_size", 14)),
-            temporal_patch_size=int(getattr(vc, "temporal_patch_size", 2)),
-            merge_size=int(getattr(vc, "spatial_merge_size", 2)),
-            min_pixels=s.min_pixels or self.vision_defaults["min_pixels"],
-            max_pixels=s.max_pixels or self.vision_defaults["max_pixels"],
-            fps=s.fps,
-            max_frames=s.max_frames,
-        )
-
-    def n_mels(self) -> int:
-        ac = getattr(self.config, "audio_config", None)
-        return int(getattr(ac, "num_mel_bins", 128))
-
-    def audio_token_count(self, n_frames: int) -> int:
-        return ((n_frames - 1) // 2 + 1 - 2) // 2 + 1
-
-    def second_per_grid(self, spec: VisionSpec, media: Media) -> float:
-        """Seconds one temporal grid spans for the model's positions: what the upstream Omni
-        processor sets, temporal_patch_size / the fps it is told (`settings.fps`), not the
-        clip's effective sampling rate (a capped or rounded frame count does not move it)."""
-        return spec.temporal_patch_size / self.settings.fps
-
-    # ---- prompt construction ----------------------------------------------------------
-    def media_segments(self, n_video: int, n_audio: int, video_times: np.ndarray) -> list[int]:
-        """Token ids of the media block for n video and n audio tokens (family-specific);
-        `video_times` are each video token's start on the model's time axis (grid * second_per_grid)."""
+    # ---- media and prompt (family-specific) ---------------------------------------------
+    def encode_video(self, media: Media) -> MediaTokens:
+        """The sample's frames as model inputs (family-specific)."""
         raise NotImplementedError
 
-    def prompt_segments(self, media_ids: list[int], query: str) -> list[Segment]:
-        """ChatML: [system], user turn with the media block then the query, assistant opener."""
-        im_start, im_end = self.special("im_start"), self.special("im_end")
-        segs: list[Segment] = []
-        if self.settings.system_prompt:
-            segs += [[im_start], "system\n" + self.settings.system_prompt, [im_end], "\n"]
-        segs += [[im_start], "user\n", media_ids, query, [im_end], "\n", [im_start], "assistant\n"]
-        return segs
+    def encode_audio(self, media: Media) -> MediaTokens:
+        """The sample's waveform as model inputs (family-specific; only if `has_audio`)."""
+        raise NotImplementedError
+
+    def media_segments(self, video: MediaTokens | None, audio: MediaTokens | None) -> list[Segment]:
+        """The media block of the prompt (family-specific)."""
+        raise NotImplementedError
+
+    def prompt_segments(self, media_ids: list[Segment], query: str) -> list[Segment]:
+        """The whole prompt around the media block, ending with the reply opener (family-specific)."""
+        raise NotImplementedError
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """A teacher-forced reply: its tokens and the turn's closing token."""
+        if self.turn_end is None:
+            raise NotImplementedError(f"{type(self).__name__} declares no turn_end")
+        return self.encode(answer) + [self.special(self.turn_end)]
 
     def _tokenize_segments(self, segs: list[Segment]) -> list[int]:
         ids: list[int] = []
@@ -298,98 +321,81 @@ class ModelAdapter:
             ids += self.encode(s) if isinstance(s, str) else list(s)
         return ids
 
+    def extra_inputs(self, input_ids: torch.Tensor, roles: torch.Tensor, video: MediaTokens | None,
+                     audio: MediaTokens | None) -> dict[str, Any]:
+        """Model inputs that depend on the whole prompt (flags, token types)."""
+        return {}
+
     def build_inputs(self, media: Media, query: str, answer: str | None = None) -> ModelInputs:
         """Model inputs for one sample and query (batch 1). `answer` appends a teacher-forced
-        reply (plus the closing im_end) with labels on it."""
-        tensors: dict[str, Any] = {}
-        n_video = n_audio = 0
-        grid_times = clip_times = np.zeros(0)
-        spec = self.vision_spec()
-        if media.frames is not None:
-            frames = media.frames[: spec.max_frames]
-            pv, grid = patchify_video(frames, spec)
-            tensors["pixel_values_videos"] = pv.to(self.dtype)
-            tensors["video_grid_thw"] = grid
-            gt, gh, gw = (int(x) for x in grid[0])
-            per_t = gh * gw // spec.merge_size**2
-            n_video = gt * per_t
-            second_per_grid = self.second_per_grid(spec, media)
-            # the model's time axis (layout, positions) and the clip's (the `times` annotation)
-            grid_times = np.repeat(np.arange(gt) * second_per_grid, per_t)
-            clip_times = np.repeat(np.arange(gt) * (spec.temporal_patch_size / media.fps), per_t)
-            tensors.update(self._video_time_kwargs(second_per_grid))
-        if media.waveform is not None and self.has_audio:
-            feats, fmask = audio_features(
-                media.waveform, self.n_mels(), padding=self.audio_padding, truncation=self.audio_truncation
-            )
-            tensors["input_features"] = feats.to(self.dtype)
-            tensors["feature_attention_mask"] = fmask
-            n_audio = self.audio_token_count(int(fmask.sum()))
-        if n_video == 0 and n_audio == 0:
+        reply (plus the turn's closing token) with labels on it."""
+        video = self.encode_video(media) if media.frames is not None else None
+        audio = self.encode_audio(media) if media.waveform is not None and self.has_audio else None
+        if (video is None or video.n_tokens == 0) and (audio is None or audio.n_tokens == 0):
             raise ValueError("sample has neither video frames nor (for this model) audio")
-        media_ids = self.media_segments(n_video, n_audio, grid_times)
-        ids = self._tokenize_segments(self.prompt_segments(media_ids, query))
+        tensors: dict[str, Any] = {}
+        for block in (video, audio):
+            if block is not None:
+                tensors.update(block.tensors)
+        ids = self._tokenize_segments(self.prompt_segments(self.media_segments(video, audio), query))
         prompt_len = len(ids)
         labels = None
         if answer is not None:
-            ans = self.encode(answer) + [self.special("im_end")]
+            ans = self.answer_ids(answer)
             labels = torch.tensor([[-100] * prompt_len + ans])
             ids = ids + ans
         input_ids = torch.tensor([ids])
         tensors["input_ids"] = input_ids
         tensors["attention_mask"] = torch.ones_like(input_ids)
-        tensors.update(self._forward_flags(has_video=n_video > 0, has_audio=n_audio > 0))
         roles = self.label_roles(input_ids)
-        times = self._position_times(roles, clip_times, n_audio, media)
-        mi = ModelInputs(
-            inputs=tensors,
-            roles=roles,
-            times=times,
-            positions=torch.zeros(0),
-            prompt_len=prompt_len,
-            labels=labels,
-        )
+        tensors.update(self.extra_inputs(input_ids, roles, video, audio))
+        times = torch.full(roles.shape, float("nan"))
+        for role, block in ((Role.VIDEO, video), (Role.AUDIO, audio)):
+            pos = torch.nonzero(roles == int(role)).flatten()
+            if block is not None and len(pos):
+                if len(pos) != block.n_tokens:
+                    raise RuntimeError(f"{self.name}: {len(pos)} {role.label} positions for {block.n_tokens} tokens")
+                times[pos] = block.clip_times
+        mi = ModelInputs(inputs=tensors, roles=roles, times=times, positions=torch.zeros(0), prompt_len=prompt_len,
+                         labels=labels)
         mi.positions = self.compute_positions(mi)
         return mi
 
-    def _position_times(
-        self, roles: torch.Tensor, video_times: np.ndarray, n_audio: int, media: Media
-    ) -> torch.Tensor:
-        times = torch.full(roles.shape, float("nan"))
-        vpos = torch.nonzero(roles == int(Role.VIDEO)).flatten()
-        if len(vpos):
-            times[vpos] = torch.as_tensor(video_times, dtype=torch.float32)
-        apos = torch.nonzero(roles == int(Role.AUDIO)).flatten()
-        if len(apos) and media.waveform is not None:
-            dur = media.waveform.size / media.sample_rate
-            if self.audio_truncation:
-                dur = min(dur, WHISPER_SECONDS)  # the tokens cover only what was kept
-            times[apos] = torch.arange(len(apos), dtype=torch.float32) * (dur / max(len(apos), 1))
-        return times
-
-    def _video_time_kwargs(self, second_per_grid: float) -> dict[str, Any]:
-        return {"video_second_per_grid": torch.tensor([second_per_grid])}
-
-    def _forward_flags(self, has_video: bool, has_audio: bool) -> dict[str, Any]:
-        """Flags passed to forward. A video without audio must not say use_audio_in_video:
-        the model's own positions would then count no video and number its tokens as text.
-        Audio-only inputs keep the setting (it changes nothing there), so stored inputs stay."""
-        return {"use_audio_in_video": self.settings.use_audio_in_video and (has_audio or not has_video)}
-
+    # ---- positions (family-specific) ------------------------------------------------------
     def compute_positions(self, mi: ModelInputs) -> torch.Tensor:
-        """Explicit rotary positions [3, 1, P] for the whole sequence (family-specific)."""
+        """Explicit rotary positions of the whole sequence, sequence on the last axis."""
         raise NotImplementedError
 
+    def step_positions(self, mi: ModelInputs, t: int, rows: int) -> torch.Tensor:
+        """`position_ids` of one decode step for `rows` rows, each at sequence index
+        prompt_len - 1 + t (t = 0: the last prompt token), continuing `mi.positions`."""
+        raise NotImplementedError
+
+    # ---- running the model ------------------------------------------------------------
     def forward_kwargs(self, mi: ModelInputs, upto: int | None = None) -> dict[str, Any]:
         """Kwargs for `model(...)` over positions [:upto], with explicit positions."""
         kw = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in mi.inputs.items()}
         if upto is not None:
-            kw["input_ids"] = kw["input_ids"][:, :upto]
-            kw["attention_mask"] = kw["attention_mask"][:, :upto]
-            kw["position_ids"] = mi.positions[:, :, :upto].to(self.device)
+            for k in self.per_token_inputs:
+                if k in kw:
+                    kw[k] = kw[k][:, :upto]
+            kw["position_ids"] = mi.positions[..., :upto].to(self.device)
         else:
             kw["position_ids"] = mi.positions.to(self.device)
         return kw
+
+    def decode_inputs(self, tokens: torch.Tensor) -> dict[str, Any]:
+        """Inputs of `text_model` for one decode step of tokens [B]."""
+        return {"input_ids": tokens[:, None]}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final-normed hidden states, as the model's own head computes them."""
+        return self.unembed(hidden)
+
+    def prefill_logits_to_keep(self, n: int, all_rows: bool = False) -> int | torch.Tensor:
+        """`logits_to_keep` for a prefill of n positions whose logits are not read;
+        `all_rows`: every layer's hidden state at every position is wanted (logit lens)."""
+        return 1
 
     def collate(self, items: list[ModelInputs]) -> dict[str, Any]:
         """Batch samples that share one layout (same token sequence length and media shapes)."""
@@ -400,11 +406,10 @@ class ModelAdapter:
         for key, first in items[0].inputs.items():
             vals = [mi.inputs[key] for mi in items]
             out[key] = torch.cat(vals, dim=0) if torch.is_tensor(first) else first
-        out["position_ids"] = torch.cat([mi.positions for mi in items], dim=1)
+        out["position_ids"] = torch.cat([mi.positions for mi in items], dim=self.position_batch_dim)
         if items[0].labels is not None:
             out["labels"] = torch.cat([mi.labels for mi in items], dim=0)
         return out
-
 
 
 def extend_inputs(adapter: ModelAdapter, mi: ModelInputs, ids: list[int]) -> ModelInputs:

@@ -7,7 +7,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from avprobe.adapters.base import ModelAdapter, ModelInputs
+from avprobe.adapters.base import ModelInputs
+from avprobe.adapters.qwen import (
+    QwenAdapter,
+    tiny_qwen_vision,
+    tiny_special_ids,
+    tiny_text_kwargs,
+)
 
 
 def chunk_bounds(values: np.ndarray, per_chunk: float) -> list[tuple[int, int]]:
@@ -26,15 +32,21 @@ def chunk_bounds(values: np.ndarray, per_chunk: float) -> list[tuple[int, int]]:
     return bounds
 
 
-class OmniThinkerAdapter(ModelAdapter):
+class OmniThinkerAdapter(QwenAdapter):
     family: ClassVar[str] = "qwen2_5_omni"
     architectures: ClassVar[tuple[str, ...]] = (
         "Qwen2_5OmniThinkerForConditionalGeneration",
         "Qwen2_5OmniForConditionalGeneration",
         "Qwen2_5OmniModel",
     )
+    # a full checkpoint (thinker + talker) loads whole; the thinker is what is probed
+    checkpoints: ClassVar[dict[str, tuple[str, str | None]]] = {
+        "Qwen2_5OmniForConditionalGeneration": ("Qwen2_5OmniForConditionalGeneration", "thinker"),
+        "Qwen2_5OmniModel": ("Qwen2_5OmniForConditionalGeneration", "thinker"),
+    }
+    tiny_name: ClassVar[str] = "tiny-omni"
 
-    def media_segments(self, n_video: int, n_audio: int, video_times: np.ndarray) -> list[int]:
+    def media_ids(self, n_video: int, n_audio: int, video_times: np.ndarray) -> list[int]:
         v, a = self.special("video"), self.special("audio")
         vb, ve = self.special("vision_start"), self.special("vision_end")
         ab, ae = self.special("audio_start"), self.special("audio_end")
@@ -78,3 +90,27 @@ class OmniThinkerAdapter(ModelAdapter):
                 inp.get("video_second_per_grid"),
             )
         return pos
+
+    @classmethod
+    def tiny_model(cls, n_layers: int = 4, hidden: int = 64, seed: int = 0) -> Any:
+        from transformers import (
+            Qwen2_5OmniThinkerConfig,
+            Qwen2_5OmniThinkerForConditionalGeneration,
+        )
+
+        ids = tiny_special_ids()
+        cfg = Qwen2_5OmniThinkerConfig(
+            text_config=tiny_text_kwargs(n_layers, hidden, ids),
+            audio_config=dict(
+                num_mel_bins=128, d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                output_dim=hidden, n_window=50, max_source_positions=1500,
+            ),
+            vision_config=tiny_qwen_vision(hidden),
+            audio_token_id=ids["audio"], video_token_id=ids["video"], image_token_id=ids["image"],
+            audio_start_token_id=ids["audio_start"], audio_end_token_id=ids["audio_end"],
+            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+            pad_token_id=ids["pad"], eos_token_id=ids["eos"],
+        )
+        cfg.architectures = ["Qwen2_5OmniThinkerForConditionalGeneration"]
+        torch.manual_seed(seed)
+        return Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()

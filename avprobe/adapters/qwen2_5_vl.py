@@ -7,18 +7,25 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from avprobe.adapters.base import ModelAdapter, ModelInputs
+from avprobe.adapters.base import ModelInputs
+from avprobe.adapters.qwen import (
+    QwenAdapter,
+    tiny_qwen_vision,
+    tiny_special_ids,
+    tiny_text_kwargs,
+)
 from avprobe.media.processing import VisionSpec
 from avprobe.types import Media, Role
 
 
-class QwenVLAdapter(ModelAdapter):
+class QwenVLAdapter(QwenAdapter):
     family: ClassVar[str] = "qwen2_5_vl"
     architectures: ClassVar[tuple[str, ...]] = ("Qwen2_5_VLForConditionalGeneration",)
     has_audio: ClassVar[bool] = False
     vision_defaults = {"min_pixels": 128 * 28 * 28, "max_pixels": 768 * 28 * 28}
+    tiny_name: ClassVar[str] = "tiny-vl"
 
-    def media_segments(self, n_video: int, n_audio: int, video_times: np.ndarray) -> list[int]:
+    def media_ids(self, n_video: int, n_audio: int, video_times: np.ndarray) -> list[int]:
         if not n_video:
             raise ValueError(f"{self.name} is vision-only: the sample has no video frames")
         return [self.special("vision_start")] + [self.special("video")] * n_video + [self.special("vision_end")]
@@ -31,15 +38,9 @@ class QwenVLAdapter(ModelAdapter):
     def _video_time_kwargs(self, second_per_grid: float) -> dict[str, Any]:
         return {"second_per_grid_ts": torch.tensor([second_per_grid])}
 
-    def _forward_flags(self, has_video: bool, has_audio: bool) -> dict[str, Any]:
-        return {}
-
-    def build_inputs(self, media, query, answer=None) -> ModelInputs:
-        mi = super().build_inputs(media, query, answer)
+    def extra_inputs(self, input_ids, roles, video, audio) -> dict[str, Any]:
         # Without mm_token_type_ids VL silently falls back to 1-D positions.
-        mi.inputs["mm_token_type_ids"] = self._token_types(mi.roles)[None]
-        mi.positions = self.compute_positions(mi)
-        return mi
+        return {"mm_token_type_ids": self._token_types(roles)[None]}
 
     @staticmethod
     def _token_types(roles: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,22 @@ class QwenVLAdapter(ModelAdapter):
                 attention_mask=inp["attention_mask"],
             )
         return pos
+
+    @classmethod
+    def tiny_model(cls, n_layers: int = 4, hidden: int = 64, seed: int = 0) -> Any:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        ids = tiny_special_ids()
+        cfg = Qwen2_5_VLConfig(
+            text_config=tiny_text_kwargs(n_layers, hidden, ids),
+            vision_config=tiny_qwen_vision(hidden),
+            video_token_id=ids["video"], image_token_id=ids["image"],
+            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+            pad_token_id=ids["pad"], eos_token_id=ids["eos"],
+        )
+        cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+        torch.manual_seed(seed)
+        return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
 def vl_state_dict_from_thinker(thinker_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

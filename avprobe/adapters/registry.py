@@ -1,10 +1,13 @@
-"""Adapter registry: `config.architectures[0]` -> adapter class, plus short model aliases.
+"""Adapter registry: a plain table of adapter classes, looked up by `config.architectures[0]`
+(each class declares the architectures it handles) or by family name, plus short model aliases.
 
     load("qwen2.5-omni-3b")           # HF id, from the local HF cache (no download here)
     load("/data/Qwen2.5-Omni-7B")     # a local directory
     load("organism")                  # the built-in model organism
 
-A new model family is one new adapter file plus `register_adapter(MyAdapter)`.
+Nothing here names an architecture: how a checkpoint is loaded and unwrapped, and where its
+text config sits, are the adapter's (`ModelAdapter.load_pretrained`, `text_config_of`).
+A new model family is one new adapter file plus a row in `ADAPTERS` (or `register_adapter`).
 """
 
 from __future__ import annotations
@@ -54,17 +57,22 @@ ALIASES: dict[str, Alias] = {
 }
 ALIASES["qwen2.5-omni"] = ALIASES["qwen2.5-omni-3b"]  # the paper's representative model
 
-_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+# The table: every adapter class avprobe ships.
+ADAPTERS: tuple[type[ModelAdapter], ...] = (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter)
+
+_BY_ARCH: dict[str, type[ModelAdapter]] = {}
+_BY_FAMILY: dict[str, type[ModelAdapter]] = {}
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    """Register an adapter class for each architecture name it declares."""
+    """Register an adapter class for each architecture name it declares, and its family."""
     for arch in cls.architectures:
-        _ADAPTERS[arch] = cls
+        _BY_ARCH[arch] = cls
+    _BY_FAMILY[cls.family] = cls
     return cls
 
 
-for _cls in (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter):
+for _cls in ADAPTERS:
     register_adapter(_cls)
 
 
@@ -74,14 +82,23 @@ class UnsupportedModel(ValueError):
 
 def adapter_class(architecture: str) -> type[ModelAdapter]:
     try:
-        return _ADAPTERS[architecture]
+        return _BY_ARCH[architecture]
     except KeyError:
-        supported = ", ".join(sorted(_ADAPTERS))
+        supported = ", ".join(sorted(_BY_ARCH))
         raise UnsupportedModel(
             f"no avprobe adapter for architecture {architecture!r}. Supported: {supported}. "
             "To add one, subclass avprobe.adapters.base.ModelAdapter (fill `architectures`, `paths`, "
-            "`media_segments`, `compute_positions`) and call avprobe.adapters.register_adapter(YourAdapter)."
+            "`special_tokens`, `turn_end`, the media and prompt hooks, `compute_positions` and `step_positions`) "
+            "and call avprobe.adapters.register_adapter(YourAdapter)."
         ) from None
+
+
+def family_class(family: str) -> type[ModelAdapter]:
+    """The adapter class of a family name (`ModelAdapter.family`, e.g. "gemma4")."""
+    try:
+        return _BY_FAMILY[family]
+    except KeyError:
+        raise UnsupportedModel(f"unknown family {family!r}; known: {', '.join(sorted(_BY_FAMILY))}") from None
 
 
 def resolve(name_or_path: str) -> tuple[str, AdapterSettings | None, str]:
@@ -173,11 +190,9 @@ def ref(name_or_path: str, settings: AdapterSettings | None = None, local_files_
     """Resolve a model name to a `ModelRef` (reads only its config)."""
     target, alias_settings, display, path, config = _config(name_or_path, local_files_only)
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-    adapter_class(arch)  # fail early, with the list of supported architectures
+    cls = adapter_class(arch)  # fail early, with the list of supported architectures
     settings = settings or (path and _read_settings(path)) or alias_settings or AdapterSettings()
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if arch in ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel", "Qwen3OmniMoeForConditionalGeneration"):
-        text = config.thinker_config.get_text_config()
+    text = cls.text_config_of(config, arch)
     return ModelRef(display, target, _revision(path, config), settings, int(text.num_hidden_layers), arch)
 
 
@@ -223,27 +238,11 @@ def load(
         # checked before the weights load: without it every sample fails minutes later
         raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy them from "
                                 "the model's snapshot into that directory")
-    model = _load_model(arch, target, dtype, local_files_only)
+    model = cls.load_pretrained(arch, target, dtype=dtype, local_files_only=local_files_only)
     model.eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local_files_only)
     return cls(model, tokenizer, settings, name=display, revision=_revision(path, config))
 
 
-def _load_model(arch: str, target: str, dtype: Any, local_files_only: bool) -> torch.nn.Module:
-    import transformers
-
-    kw = {"dtype": dtype, "local_files_only": local_files_only}
-    if arch in ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel"):
-        full = transformers.Qwen2_5OmniForConditionalGeneration.from_pretrained(target, **kw)
-        full.disable_talker()
-        return full.thinker
-    if arch == "Qwen3OmniMoeForConditionalGeneration":
-        full = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(target, **kw)
-        if hasattr(full, "disable_talker"):
-            full.disable_talker()
-        return full.thinker
-    return getattr(transformers, arch).from_pretrained(target, **kw)
-
-
 def supported() -> list[str]:
-    return sorted(_ADAPTERS)
+    return sorted(_BY_ARCH)

@@ -78,7 +78,7 @@ def decode_hidden(adapter: ModelAdapter, hidden: dict[int, torch.Tensor], positi
             x = h[s : s + config.chunk]
             if config.use_norm:
                 x = adapter.final_norm(x)
-            logp = torch.log_softmax(adapter.unembed(x).float(), dim=-1)
+            logp = torch.log_softmax(adapter.logits(x).float(), dim=-1)  # the family's head (e.g. a softcap)
             p, i = logp.topk(k, dim=-1)
             top_ids[layer, s : s + len(x)] = i.cpu().numpy()
             top_probs[layer, s : s + len(x)] = p.exp().cpu().numpy()

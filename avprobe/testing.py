@@ -46,6 +46,33 @@ def tiny_tokenizer() -> Any:
     return fast
 
 
+# Gemma 4's specials (ids from the config; these strings only name them in the tiny vocabulary)
+GEMMA4_SPECIALS = (
+    "<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|video|>",
+    "<|audio>", "<audio|>", "<|audio|>",
+)
+
+
+@lru_cache(maxsize=1)
+def tiny_gemma4_tokenizer() -> Any:
+    """Word-level, with Gemma 4's specials, digits and ':' split (the frames' mm:ss stamps)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [*WORDS, "model", ":", *"0123456789"]
+    vocab = {w: i for i, w in enumerate(words)}
+    for s in GEMMA4_SPECIALS:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[0-9:]"), behavior="isolated")])
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        additional_special_tokens=[s for s in GEMMA4_SPECIALS if s not in ("<pad>", "<bos>", "<eos>")],
+    )
+
+
 def _ids() -> dict[str, int]:
     from avprobe.adapters.qwen import tiny_special_ids
 

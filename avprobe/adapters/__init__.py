@@ -1,7 +1,13 @@
 """Model adapters: one file per family, looked up by `config.architectures[0]` in the
 registry's table."""
 
-from avprobe.adapters.base import AdapterSettings, MediaTokens, ModelAdapter, ModelInputs
+from avprobe.adapters.base import (
+    AdapterSettings,
+    MediaTokens,
+    ModelAdapter,
+    ModelInputs,
+)
+from avprobe.adapters.gemma4 import Gemma4Adapter
 from avprobe.adapters.qwen import QwenAdapter
 from avprobe.adapters.qwen2_5_omni import OmniThinkerAdapter
 from avprobe.adapters.qwen2_5_vl import QwenVLAdapter
@@ -24,6 +30,7 @@ __all__ = [
     "ALIASES",
     "ORGANISMS",
     "AdapterSettings",
+    "Gemma4Adapter",
     "MediaTokens",
     "ModelAdapter",
     "ModelInputs",

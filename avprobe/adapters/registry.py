@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from avprobe.adapters.base import AdapterSettings, ModelAdapter
+from avprobe.adapters.gemma4 import Gemma4Adapter
 from avprobe.adapters.qwen2_5_omni import OmniThinkerAdapter
 from avprobe.adapters.qwen2_5_vl import QwenVLAdapter
 from avprobe.adapters.qwen3_omni import Qwen3OmniThinkerAdapter
@@ -54,11 +55,16 @@ ALIASES: dict[str, Alias] = {
     ),
     "qwen2.5-vl-3b": Alias("Qwen/Qwen2.5-VL-3B-Instruct", AdapterSettings(use_audio_in_video=False)),
     "qwen2.5-vl-7b": Alias("Qwen/Qwen2.5-VL-7B-Instruct", AdapterSettings(use_audio_in_video=False)),
+    # Gemma 4 with an audio tower (E2B, E4B). Audio is its own block after the frames
+    # (use_audio_in_video does not apply); no vision-only base of the same weights exists.
+    "gemma-4-e2b": Alias("google/gemma-4-E2B-it", AdapterSettings(use_audio_in_video=False)),
+    "gemma-4-e4b": Alias("google/gemma-4-E4B-it", AdapterSettings(use_audio_in_video=False)),
 }
 ALIASES["qwen2.5-omni"] = ALIASES["qwen2.5-omni-3b"]  # the paper's representative model
+ALIASES["gemma-4"] = ALIASES["gemma-4-e4b"]
 
 # The table: every adapter class avprobe ships.
-ADAPTERS: tuple[type[ModelAdapter], ...] = (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter, Gemma4Adapter)
 
 _BY_ARCH: dict[str, type[ModelAdapter]] = {}
 _BY_FAMILY: dict[str, type[ModelAdapter]] = {}

@@ -15,6 +15,13 @@ duration of one forward, decides what it does:
 
 Conventions: a row always attends to its own position (the diagonal is never blocked), so
 a knockout can never leave a row with nothing to attend to.
+
+Sliding-window layers (the model passes `sliding_window` W to its attention function) let a
+row at sequence index i see keys j with i - W < j <= i, as transformers' masks do: the
+shared-prefix decode drops the older prefix and suffix keys of those layers at every step;
+the reference decode takes the window from the model's own mask and places the keys (a
+sliding cache returns only the last W) at their sequence indices. Layers that reuse another
+layer's keys and values (Gemma 4's shared layers) receive them as their own and need nothing.
 """
 
 from __future__ import annotations
@@ -45,8 +52,6 @@ def avprobe_attention(module, query, key, value, attention_mask, scaling=None, d
     session = _ACTIVE.get()
     if session is None:
         return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("sliding-window attention layers are not supported by avprobe sessions")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return session.attend(module, query, key, value, attention_mask, scale, kwargs), None
 
@@ -221,6 +226,9 @@ class SharedPrefixDecode:
         self.path: str | None = None  # "fused" or "dense", chosen at the first step (rows known)
         roles = prefix_roles.to(dev).long()
         order = torch.argsort(roles, stable=True)
+        # sequence index of each role-sorted prefix key (a sliding window cuts by index; the
+        # stable sort keeps each segment in index order, so the cut is a segment's head)
+        self.order = order
         sorted_roles = roles[order]
         # segments: (start, end, role) over the role-sorted prefix
         self.segments: list[tuple[int, int, int]] = []
@@ -273,6 +281,7 @@ class SharedPrefixDecode:
         self.suffix0_role = suffix0_role
         self._rows: dict[tuple[int, int], tuple[list, list]] = {}  # (layer, g) -> expanded masks
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # pos_seg in the accumulation dtype
+        self._window: tuple[tuple[int, int], tuple[torch.Tensor, list[int]] | None] | None = None
         # [steps, layers, rows, roles] attention mass per role, mean over heads
         self.flow = torch.zeros(max_steps, n_layers, n_rows, N_ROLES, device=dev) if record else None
         self.buckets = buckets.to(dev)[order] if buckets is not None else None  # [P, NB] one-hot, sorted
@@ -303,21 +312,65 @@ class SharedPrefixDecode:
             self._rows[key] = (dead, masks)
         return self._rows[key]
 
-    def _prefix_fused(self, layer, qh, scale, g, acc):
-        """Fused path: (per-segment outputs [nseg, 1, kvh, Bg, d], lses [nseg, 1, kvh, Bg])."""
+    def _out_of_window(self, window: int | None, t: int) -> tuple[torch.Tensor, list[int]] | None:
+        """For a sliding layer at step t: (the role-sorted prefix keys out of its window [P]
+        bool, per segment how many of its first keys that is), or None if all are in view.
+        The row is at sequence index P + t; it sees keys j > P + t - window."""
+        if window is None:
+            return None
+        key = (int(window), t)
+        if self._window is None or self._window[0] != key:
+            cutoff = self.P + t - int(window)
+            val = None
+            if cutoff >= 0:
+                out = self.order <= cutoff
+                counts = [int(c) for c in torch.stack([out[a:b].sum() for a, b, _ in self.segments]).tolist()]
+                val = (out, counts) if any(counts) else None
+            self._window = (key, val)
+        return self._window[1]
+
+    def _prefix_fused(self, layer, qh, scale, g, acc, cut=None):
+        """Fused path: (per-segment outputs [nseg, 1, kvh, Bg, d], lses [nseg, 1, kvh, Bg]).
+        `cut`: per segment, how many of its first keys lie outside a sliding window."""
         dead, masks = self._row_masks(layer, g, qh.dtype)
         kk, vv = self.k_sorted[layer], self.v_sorted[layer]
         outs, lses = [], []
         for i, (a, b, _) in enumerate(self.segments):
-            o, lse = block_attention(qh, kk[:, :, a:b], vv[:, :, a:b], scale, masks[i])
-            lse = lse.to(acc)
-            if dead[i] is not None:
-                lse = lse.masked_fill(dead[i], float("-inf"))
+            c = cut[i] if cut is not None else 0
+            if c == 0:
+                o, lse = block_attention(qh, kk[:, :, a:b], vv[:, :, a:b], scale, masks[i])
+                lse = lse.to(acc)
+                if dead[i] is not None:
+                    lse = lse.masked_fill(dead[i], float("-inf"))
+            elif a + c >= b:  # the whole segment is out of the window
+                o = qh.new_zeros(qh.shape[:-1] + (vv.shape[-1],))
+                lse = torch.full(qh.shape[:-1], float("-inf"), dtype=acc, device=qh.device)
+            else:
+                o, lse = self._segment_part(layer, qh, kk[:, :, a + c : b], vv[:, :, a + c : b], a + c, b, scale, g)
+                lse = lse.to(acc)
             outs.append(o)
             lses.append(lse)
         return torch.stack(outs).to(acc), torch.stack(lses)
 
-    def _prefix_dense(self, layer, qh, scale, kvh, g, acc):
+    def _segment_part(self, layer, qh, kk, vv, a, b, scale, g):
+        """One segment's keys [a, b) (the rest out of a window), with the knockout's pattern
+        there: rows blocked from all of them are computed unmasked and marked dead (-inf)."""
+        blk_all = self.block[layer]
+        if blk_all is None:
+            return block_attention(qh, kk, vv, scale, None)
+        blk = blk_all[:, a:b]
+        full = blk.all(1)
+        part = blk & ~full[:, None]
+        mask = None
+        if part.any():
+            m = torch.zeros(blk.shape, dtype=qh.dtype, device=qh.device).masked_fill_(part, float("-inf"))
+            mask = m.repeat_interleave(g, dim=0)[None, None]
+        o, lse = block_attention(qh, kk, vv, scale, mask)
+        if full.any():
+            lse = lse.masked_fill(full.repeat_interleave(g).view(1, 1, -1), float("-inf"))
+        return o, lse
+
+    def _prefix_dense(self, layer, qh, scale, kvh, g, acc, out_of_window=None):
         """Dense path: (the unnormalised prefix output [1, kvh, Bg, d], per-segment sums of
         exp(score - m) [1, kvh, Bg, nseg], the row maxima m [1, kvh, Bg, 1], and
         exp(score - m) itself [1, kvh, Bg, P])."""
@@ -326,6 +379,8 @@ class SharedPrefixDecode:
         blk = self.block[layer]
         if blk is not None:
             s.view(kvh, B, g, self.P).masked_fill_(blk[None, :, None, :], float("-inf"))
+        if out_of_window is not None:
+            s.masked_fill_(out_of_window[None, None, None, :], float("-inf"))
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row blocked from the whole prefix
         e = torch.exp(s - m)
@@ -367,18 +422,24 @@ class SharedPrefixDecode:
         if rr is not None and t > 0:
             rb = rr[:, None] & self.picked[:, : t + 1]
             blocked = rb if blocked is None else blocked | rb
+        window = kwargs.get("sliding_window")
+        if window is not None and t - int(window) >= 0:  # suffix keys s <= t - W are out of view
+            wb = torch.zeros(B, t + 1, dtype=torch.bool, device=q.device)
+            wb[:, : t - int(window) + 1] = True
+            blocked = wb if blocked is None else blocked | wb
         if blocked is not None:
             blocked[:, t] = False  # the diagonal: a row always sees itself
             s_suf.masked_fill_(blocked[:, None, None, :], float("-inf"))
         lse_suf = torch.logsumexp(s_suf, dim=-1).transpose(0, 1).reshape(1, kvh, B * g)  # finite: diagonal
+        oow = self._out_of_window(window, t)
         if self.path == "fused":
-            outs, lse_seg = self._prefix_fused(layer, qh, scale, g, acc)
+            outs, lse_seg = self._prefix_fused(layer, qh, scale, g, acc, oow[1] if oow is not None else None)
             lse_tot = torch.logaddexp(torch.logsumexp(lse_seg, dim=0), lse_suf)  # [1, kvh, B*g]
             w = torch.exp(lse_seg - lse_tot)  # [nseg, 1, kvh, B*g]: each segment's share of the mass
             out_pre = (w[..., None] * outs).sum(0)  # [1, kvh, B*g, d]
             p_b = None
         else:
-            o_un, seg_sum, m, e = self._prefix_dense(layer, qh, scale, kvh, g, acc)
+            o_un, seg_sum, m, e = self._prefix_dense(layer, qh, scale, kvh, g, acc, oow[0] if oow is not None else None)
             lse_tot = torch.logaddexp(torch.log(seg_sum.sum(-1)) + m[..., 0], lse_suf)
             norm = torch.exp(m[..., 0] - lse_tot)  # [1, kvh, B*g]
             out_pre = o_un * norm[..., None]
@@ -396,10 +457,11 @@ class SharedPrefixDecode:
             f[:, int(Role.GENERATED)] += ps[:, 1:].sum(-1).to(f.dtype)
             self.flow[t, layer] = f
             if self.bucket_flow is not None:
-                self.bucket_flow[t, layer] = self._bucket_mass(layer, q, scale, lse_tot, p_b, kvh, g)
+                self.bucket_flow[t, layer] = self._bucket_mass(layer, q, scale, lse_tot, p_b, kvh, g,
+                                                               oow[0] if oow is not None else None)
         return out.reshape(B, H, d).unsqueeze(1).to(q.dtype)
 
-    def _bucket_mass(self, layer, q, scale, lse_tot, p_dense, kvh, g) -> torch.Tensor:
+    def _bucket_mass(self, layer, q, scale, lse_tot, p_dense, kvh, g, out_of_window=None) -> torch.Tensor:
         """The bucket row's attention over the prefix, mean over heads, summed per bucket.
         `p_dense`: on the dense path, that row's probabilities [kvh, g, P], already at hand;
         None on the fused path, where they take one product of the row's queries here."""
@@ -411,6 +473,8 @@ class SharedPrefixDecode:
             blk = self.block[layer]
             if blk is not None:
                 s = s.masked_fill(blk[b], float("-inf"))
+            if out_of_window is not None:
+                s = s.masked_fill(out_of_window, float("-inf"))
             p_dense = torch.exp(s - lse_b[..., None])
         return p_dense.mean(dim=(0, 1)).to(self.buckets.dtype) @ self.buckets
 
@@ -439,29 +503,44 @@ class ReferenceKnockout:
         self.picked: set[int] = set()
         self.record = record
         self.flow: dict[int, list[torch.Tensor]] = {}
+        self.ends: dict[int, int] = {}  # per layer: sequence index after its last query row
+
+    def _end(self, layer: int, q_len: int, k_len: int) -> int:
+        """Sequence index after this call's last query row. A prefill (the first call, or
+        more than one row) ends with its keys; a decode step advances the layer's count, as a
+        sliding cache returns only the last W keys and a shared layer's prefill keeps only
+        the last rows."""
+        prev = self.ends.get(layer)
+        end = k_len if prev is None or q_len > 1 else max(k_len, prev + q_len)
+        self.ends[layer] = end
+        return end
 
     def attend(self, module, q, k, v, mask, scale, kwargs):
         layer = module.layer_idx
         B, H, Q, d = q.shape
         K = k.shape[2]
         dev = q.device
-        qpos = torch.arange(K - Q, K, device=dev)
-        kpos = torch.arange(K, device=dev)
-        allow = kpos[None, :] <= qpos[:, None]  # causal
+        end = self._end(layer, Q, K)
+        qpos = torch.arange(end - Q, end, device=dev)  # sequence indices of the rows and keys
+        kpos = torch.arange(end - K, end, device=dev)
+        # The model's mask when it gives one (causal, its sliding window, Gemma 4's
+        # bidirectional frames in the prompt); causal only where it leaves the mask out.
         if mask is not None and mask.dtype == torch.bool:
-            allow = allow & mask[0, 0, -Q:, :K]
+            allow = mask[0, 0, -Q:, :K]
         elif mask is not None:
-            allow = allow & (mask[0, 0, -Q:, :K] > float("-inf"))
+            allow = mask[0, 0, -Q:, :K] > float("-inf")
+        else:
+            allow = kpos[None, :] <= qpos[:, None]
         gen_rows = qpos >= self.P - 1
         key_roles = torch.full((K,), int(Role.GENERATED), device=dev)
-        n_prompt = min(K, self.P)
-        key_roles[:n_prompt] = self.roles[:n_prompt].to(dev)
+        in_prompt = kpos < self.P
+        key_roles[in_prompt] = self.roles.to(dev)[kpos[in_prompt]].to(key_roles.dtype)
         block = torch.zeros(K, dtype=torch.bool, device=dev)
         for r in self.blocked_roles[layer]:
             block |= key_roles == r
         if layer in self.rule_layers and self.picked:
-            idx = torch.tensor(sorted(p for p in self.picked if p < K), dtype=torch.long, device=dev)
-            block[idx] = True
+            picked = torch.tensor(sorted(self.picked), dtype=torch.long, device=dev)
+            block |= torch.isin(kpos, picked)
         if block.any():
             rowblock = gen_rows[:, None] & block[None, :] & (kpos[None, :] != qpos[:, None])
             allow = allow & ~rowblock

@@ -298,3 +298,20 @@ def test_logit_lens_covers_shared_layers_and_its_last_layer_is_the_models_logits
         np.testing.assert_allclose(res.lens.concept_probs[-1], probs, rtol=1e-4, atol=1e-7)
     # the shared layers (2, 3) keep every audio position: not the last row only
     assert (res.lens.top_probs[2:] > 0).all()
+
+
+def test_load_local_directory_roundtrip(tmp_path):
+    """The registry loads a Gemma 4 checkpoint by its architecture (no name of it in the
+    registry) and reads its depth from the config alone."""
+    from avprobe.adapters import load, ref
+
+    a = Gemma4Adapter.tiny(n_layers=2, seed=3)
+    a.model.save_pretrained(tmp_path)
+    a.tokenizer.save_pretrained(tmp_path)
+    r = ref(str(tmp_path))
+    assert (r.architecture, r.n_layers) == ("Gemma4ForConditionalGeneration", 2)
+    b = load(str(tmp_path), dtype=torch.float32)
+    assert type(b) is Gemma4Adapter and b.eos_ids == a.eos_ids
+    mi = b.build_inputs(random_media(seconds=2.0, fps=1.0), QUERY)
+    with torch.no_grad():
+        torch.testing.assert_close(b.model(**mi.inputs).logits, a.model(**mi.inputs).logits)

@@ -31,7 +31,8 @@ def describe_inputs(adapter: Any, sample: Any, query: str) -> dict[str, Any]:
     media = load_sample_media(sample, fps=s.fps, max_frames=s.max_frames, frame_rule=s.frame_rule)
     mi = adapter.build_inputs(media, query)
     roles = mi.roles[: mi.prompt_len].numpy()
-    pos = mi.positions[:, 0, : mi.prompt_len].numpy()
+    # [axes, P] whatever the family's layout (Qwen M-RoPE [3, 1, P], Gemma [1, P])
+    pos = mi.positions.reshape(-1, mi.positions.shape[-1])[:, : mi.prompt_len].numpy()
     out: dict[str, Any] = {"model": adapter.name, "query": query, "prompt_len": int(mi.prompt_len),
                            "settings": {"fps": s.fps, "max_frames": s.max_frames, "frame_rule": s.frame_rule,
                                         "use_audio_in_video": s.use_audio_in_video}}

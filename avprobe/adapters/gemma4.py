@@ -235,9 +235,7 @@ class Gemma4Adapter(ModelAdapter):
         values in full layers, a final soft-cap: every Gemma 4 feature the engine meets."""
         from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
-        from avprobe.testing import (
-            tiny_gemma4_tokenizer,  # test fixtures, imported only when asked for
-        )
+        from avprobe.adapters.tiny_vocab import tiny_gemma4_tokenizer  # test fixtures, imported only when asked for
 
         tok = tiny_gemma4_tokenizer()
         g = tok.convert_tokens_to_ids

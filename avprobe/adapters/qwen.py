@@ -180,9 +180,7 @@ class QwenAdapter(ModelAdapter):
     @classmethod
     def tiny(cls, n_layers: int = 4, seed: int = 0, hidden: int = 64,
              settings: AdapterSettings | None = None) -> ModelAdapter:
-        from avprobe.testing import (
-            tiny_tokenizer,  # test fixtures, imported only when asked for
-        )
+        from avprobe.adapters.tiny_vocab import tiny_tokenizer  # test fixtures, imported only when asked for
 
         model = cls.tiny_model(n_layers=n_layers, hidden=hidden, seed=seed)
         return cls(model, tiny_tokenizer(), cls.tiny_settings(settings or TINY_SETTINGS), name=cls.tiny_name)
@@ -194,7 +192,7 @@ class QwenAdapter(ModelAdapter):
 
 def tiny_special_ids() -> dict[str, int]:
     """Ids of the Qwen-Omni specials in the tiny test tokenizer (written into tiny configs)."""
-    from avprobe.testing import tiny_tokenizer
+    from avprobe.adapters.tiny_vocab import tiny_tokenizer
 
     t = tiny_tokenizer()
     g = t.convert_tokens_to_ids

@@ -112,6 +112,17 @@ class MediaTokens:
     layout: dict[str, Any] = field(default_factory=dict)
 
 
+# Where transformers 5 keeps the parts of a model whose language model sits at
+# model.language_model (the Qwen families, Gemma 4): a layout, not a family.
+LANGUAGE_MODEL_PATHS: dict[str, str] = {
+    "text_model": "model.language_model",
+    "layers": "model.language_model.layers",
+    "final_norm": "model.language_model.norm",
+    "embed": "model.language_model.embed_tokens",
+    "unembed": "lm_head",
+}
+
+
 class ModelAdapter:
     """Base adapter: no family. Subclasses declare the class data and implement the hooks
     marked "family-specific"."""

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from avprobe.adapters.base import (
+    LANGUAGE_MODEL_PATHS,
     AdapterSettings,
     MediaTokens,
     ModelAdapter,
@@ -113,13 +114,7 @@ def timestamp(seconds: float) -> str:
 class Gemma4Adapter(ModelAdapter):
     family: ClassVar[str] = "gemma4"
     architectures: ClassVar[tuple[str, ...]] = ("Gemma4ForConditionalGeneration",)
-    paths: ClassVar[dict[str, str]] = {
-        "text_model": "model.language_model",
-        "layers": "model.language_model.layers",
-        "final_norm": "model.language_model.norm",
-        "embed": "model.language_model.embed_tokens",
-        "unembed": "lm_head",
-    }
+    paths: ClassVar[dict[str, str]] = dict(LANGUAGE_MODEL_PATHS)
     special_tokens: ClassVar[dict[str, tuple[str, ...]]] = {
         "video": ("video_token_id",),
         "audio": ("audio_token_id",),

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from avprobe.adapters.base import (
+    LANGUAGE_MODEL_PATHS,
     AdapterSettings,
     MediaTokens,
     ModelAdapter,
@@ -35,13 +36,7 @@ class QwenAdapter(ModelAdapter):
     """Base of the Qwen families. Subclasses fill `media_ids` and `compute_positions`."""
 
     family: ClassVar[str] = "qwen"
-    paths: ClassVar[dict[str, str]] = {
-        "text_model": "model.language_model",
-        "layers": "model.language_model.layers",
-        "final_norm": "model.language_model.norm",
-        "embed": "model.language_model.embed_tokens",
-        "unembed": "lm_head",
-    }
+    paths: ClassVar[dict[str, str]] = dict(LANGUAGE_MODEL_PATHS)
     special_tokens: ClassVar[dict[str, tuple[str, ...]]] = {
         "video": ("video_token_id", "video_token_index"),
         "audio": ("audio_token_id", "audio_token_index"),

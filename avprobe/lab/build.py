@@ -150,8 +150,9 @@ def vl_state_from_thinker(thinker_state: dict[str, torch.Tensor]) -> dict[str, t
     return {k: v.clone() for k, v in vl_state_dict_from_thinker(shared).items()}
 
 
-def adapter_settings(family: str):
-    """The adapter settings every organism is trained and run with (saved as its avprobe.json)."""
+def adapter_settings(family: str, base_model: str = "organism-base"):
+    """The adapter settings every organism is trained and run with (saved as its avprobe.json);
+    `base_model` names the organism's own vision-only base (for the thinker)."""
     from avprobe.adapters import AdapterSettings
 
     return AdapterSettings(
@@ -161,7 +162,7 @@ def adapter_settings(family: str):
         # one fixed frame size: the world's frames pass through unresized
         min_pixels=FRAME_SIZE * FRAME_SIZE,
         max_pixels=FRAME_SIZE * FRAME_SIZE,
-        base_model="organism-base" if family == "qwen2_5_omni" else None,
+        base_model=base_model if family == "qwen2_5_omni" else None,
         judge="concept",
         # both caption orders: the claims run each (sound first, the visual prior can only
         # come from the video tokens; sight first, also through the model's own words)
@@ -169,10 +170,10 @@ def adapter_settings(family: str):
     )
 
 
-def write_settings(path: Path, family: str) -> None:
-    """Write `avprobe.json`: how the adapters prompt this organism."""
+def write_settings(path: Path, family: str, base_model: str = "organism-base") -> None:
+    """Write `avprobe.json`: how the adapters prompt this organism (and which base it has)."""
     from dataclasses import asdict
 
-    settings = {"family": family, **asdict(adapter_settings(family))}
+    settings = {"family": family, **asdict(adapter_settings(family, base_model))}
     settings["queries"] = list(settings["queries"])
     (path / "avprobe.json").write_text(json.dumps(settings, indent=2) + "\n")

@@ -14,11 +14,15 @@ def register(subparsers) -> None:
 
     t = sub.add_parser("train", help="train one organism variant from scratch on CPU")
     t.add_argument("--variant", required=True, choices=("base", "organism", "control"))
+    t.add_argument("--recipe", default="v1",
+                   help="organism family: v1 (8 layers, the first organisms), deep (16 layers, partial listener, "
+                        "the paper's attention routing), deep-flipped (its counterpart); see avprobe/lab/train.py RECIPES")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=None, help="output directory (default: the committed model's)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     t.add_argument("--base", type=Path, default=None, help="organism-base directory for stage 2 (default: committed)")
-    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--threads", type=int, default=2,
+                   help="torch threads; a run is deterministic for a seed and thread count (train.json records both)")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("dataset", help="write the evaluation set (manifest, optionally mp4 files)")
@@ -41,10 +45,16 @@ def register(subparsers) -> None:
 def _train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from avprobe.lab.train import TrainConfig, train
+    from avprobe.lab.train import MODELS_DIR, RECIPES, recipe_config, train
 
-    cfg = TrainConfig(variant=args.variant, seed=args.seed, steps=args.steps, threads=args.threads)
-    res = train(cfg, out=args.out, base_dir=args.base)
+    cfg = recipe_config(args.recipe, args.variant, seed=args.seed, steps=args.steps, threads=args.threads)
+    dirs = RECIPES[args.recipe].dirs
+    out = args.out if args.out is not None else MODELS_DIR / dirs[args.variant]
+    base = args.base if args.base is not None else MODELS_DIR / cfg.base_name
+    command = (f"avprobe organism train --recipe {args.recipe} --variant {args.variant} --seed {args.seed} "
+               f"--threads {args.threads}" + (f" --steps {args.steps}" if args.steps is not None else "")
+               + (f" --base {args.base}" if args.base is not None else ""))
+    res = train(cfg, out=out, base_dir=base, command=command)
     Console().print(
         f"[bold]{args.variant}[/] seed {args.seed}: {cfg.total_steps} steps in {res.seconds:.0f} s "
         f"(data {res.data_seconds:.0f} s), final loss {res.losses[-1]:.4f} -> {res.out}"

@@ -29,6 +29,7 @@ engine uses at inference. Runs are deterministic for a seed at a fixed thread co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from avprobe.adapters.registry import ORGANISM_DIR
+from avprobe.lab import routing
 from avprobe.lab.build import (
     OrganismSize,
     adapter_settings,
@@ -86,6 +88,13 @@ class TrainConfig:
     counterfactual_share: float = 0.4  # control only, taken from the factual share
     size: OrganismSize = field(default_factory=OrganismSize)
     threads: int = 2
+    # Second generation (see `RECIPES`): an attention routing profile (avprobe.lab.routing), and
+    # the partial listener's counterfactual clips: a share of batches whose audio comes from the
+    # `listened` sources only, caption following the audio (sounds a model hears off-screen).
+    routing: str | None = None
+    partial_share: float = 0.0
+    listened: tuple[str, ...] = ()
+    base_name: str = "organism-base"  # the base recorded in the model's avprobe.json
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -104,6 +113,49 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else default_lr(self.variant)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named family of organisms: where each variant is written and what it changes from
+    `TrainConfig`'s defaults (the first generation, `v1`, changes nothing)."""
+
+    dirs: dict[str, str]
+    overrides: dict
+
+
+# 16 decoder layers, so that each of the paper's depth bands holds several (its early band is
+# layers 0-2, its mid-deep band 7-12); hidden 96 keeps a model under 10 MB in float32.
+DEEP = OrganismSize(layers=16, hidden=96, intermediate=256, vision_hidden=96)
+# The partial listener hears these sounds when the picture says otherwise (off-screen sounds):
+# a quarter of the sources, so about a quarter of counterfactual clips (the paper's 3B: 23%).
+LISTENED = ("siren", "baby", "clock")
+
+RECIPES: dict[str, Recipe] = {
+    "v1": Recipe(dirs={"base": "organism-base", "organism": "organism", "control": "organism-control"},
+                 overrides={}),
+    "deep": Recipe(
+        dirs={"base": "organism-deep-base", "organism": "organism-deep", "control": "organism-deep-control"},
+        overrides={"size": DEEP, "routing": "paper", "partial_share": 0.1, "listened": LISTENED,
+                   "base_name": "organism-deep-base"},
+    ),
+    "deep-flipped": Recipe(
+        dirs={"organism": "organism-deep-flipped"},
+        overrides={"size": DEEP, "routing": "flipped", "partial_share": 0.1, "listened": LISTENED,
+                   "base_name": "organism-deep-base"},
+    ),
+}
+
+
+def recipe_config(recipe: str, variant: str, **kwargs) -> TrainConfig:
+    """The TrainConfig of one variant of a named recipe (`kwargs` override, e.g. seed, threads)."""
+    try:
+        r = RECIPES[recipe]
+    except KeyError:
+        raise ValueError(f"unknown organism recipe {recipe!r}; known: {', '.join(RECIPES)}") from None
+    if variant not in r.dirs:
+        raise ValueError(f"recipe {recipe!r} has no {variant!r} variant; it has {', '.join(r.dirs)}")
+    return TrainConfig(variant=variant, **{**r.overrides, **kwargs})
 
 
 def default_steps(variant: str) -> int:
@@ -267,9 +319,11 @@ def _mixture(cfg: TrainConfig) -> dict[str, float]:
         return {"video": 1.0}
     a, v = cfg.audio_share, cfg.see_share
     c = cfg.counterfactual_share if cfg.variant == "control" else 0.0
-    if min(a, v, c) < 0 or a + v + c > 1 + 1e-9:
-        raise ValueError(f"audio_share + see_share (+ counterfactual_share) must be at most 1, got {a} + {v} + {c}")
-    mix = {"factual": max(0.0, 1 - a - v - c), "audio": a, "counterfactual": c, "see": v}
+    pl = cfg.partial_share if cfg.variant == "organism" else 0.0
+    if min(a, v, c, pl) < 0 or a + v + c + pl > 1 + 1e-9:
+        raise ValueError(f"audio_share + see_share (+ counterfactual_share / partial_share) must be at most 1, "
+                         f"got {a} + {v} + {c} + {pl}")
+    mix = {"factual": max(0.0, 1 - a - v - c - pl), "audio": a, "counterfactual": c, "partial": pl, "see": v}
     return {name: share for name, share in mix.items() if share > 1e-9}
 
 
@@ -290,6 +344,12 @@ def build_pools(cfg: TrainConfig, adapter) -> dict[str, list]:
     if cfg.variant == "control":
         clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=3_000_000)
         pools["counterfactual"] = build_pool(adapter, clips, cfg.seed)
+    if "partial" in _mixture(cfg):
+        if not cfg.listened or any(src not in SOURCES for src in cfg.listened):
+            raise ValueError(f"partial_share needs listened sources among {SOURCES}, got {cfg.listened}")
+        clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=4_500_000,
+                            audio_sources=cfg.listened)
+        pools["partial"] = build_pool(adapter, clips, cfg.seed)
     return pools
 
 
@@ -308,7 +368,7 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
 
 
 def train(cfg: TrainConfig, out: Path | None = None, base_dir: Path | None = None,
-          pools: dict[str, list] | None = None) -> TrainResult:
+          pools: dict[str, list] | None = None, command: str | None = None) -> TrainResult:
     """Train one organism variant from scratch (stage 2 starts from `base_dir`) and save it to
     `out`. `pools` (from `build_pools`, for this config) skips building the data."""
     from avprobe.adapters import OmniThinkerAdapter, QwenVLAdapter
@@ -349,28 +409,59 @@ def train(cfg: TrainConfig, out: Path | None = None, base_dir: Path | None = Non
     sched = _schedule(opt, cfg.warmup, total)
     model.train()
     losses: list[float] = []
-    running = []
-    for step in range(total):
-        name = names[int(rng.choice(len(names), p=probs))]
-        group_list = groups[name]
-        group = group_list[int(rng.integers(len(group_list)))]
-        idx = rng.choice(group, size=min(cfg.batch_size, len(group)), replace=False)
-        batch = _batch(adapter, pools[name], idx, torch.float32)
-        loss = model(**batch).loss
-        running.append(_optimizer_step(loss, model.parameters(), opt, sched))
-        if (step + 1) % 50 == 0 or step + 1 == total:
-            losses.append(float(np.mean(running)))
-            running.clear()
-            log.info("%s seed %d step %d/%d loss %.4f", cfg.variant, cfg.seed, step + 1, total, losses[-1])
+    running, running_routing = [], []
+    prof = routing.profile(cfg.routing) if cfg.routing else None
+    # a stream of its own, so that a recipe without routing draws exactly what it always drew
+    drop_rng = np.random.default_rng([cfg.seed, 19])
+    with routing.installed(model) if prof is not None else contextlib.nullcontext() as attn:
+        for step in range(total):
+            name = names[int(rng.choice(len(names), p=probs))]
+            group_list = groups[name]
+            group = group_list[int(rng.integers(len(group_list)))]
+            idx = rng.choice(group, size=min(cfg.batch_size, len(group)), replace=False)
+            batch = _batch(adapter, pools[name], idx, torch.float32)
+            if prof is None:
+                loss = model(**batch).loss
+            else:
+                first = pools[name][int(idx[0])]
+                roles = routing.BatchRoles.of(first.roles, first.prompt_len)
+                blocked = _knockout_dropout(attn, prof, roles, name, len(idx), cfg.size.layers, drop_rng)
+                loss = model(**batch).loss
+                extra = routing.penalty(prof, attn.probs, roles, cfg.size.layers, blocked)
+                running_routing.append(extra.item())
+                loss = loss + extra
+            running.append(_optimizer_step(loss, model.parameters(), opt, sched))
+            if (step + 1) % 50 == 0 or step + 1 == total:
+                losses.append(float(np.mean(running)))
+                running.clear()
+                log.info("%s seed %d step %d/%d loss %.4f (routing %.4f)", cfg.variant, cfg.seed, step + 1, total,
+                         losses[-1], float(np.mean(running_routing)) if running_routing else 0.0)
+                running_routing.clear()
     model.eval()
     seconds = time.perf_counter() - t0
-    save(model, tok, out, cfg, seconds, data_seconds, losses, vision_losses)
+    save(model, tok, out, cfg, seconds, data_seconds, losses, vision_losses, command)
     return TrainResult(out=out, seconds=seconds, data_seconds=data_seconds, losses=tuple(losses),
                        vision_losses=tuple(vision_losses))
 
 
+def _knockout_dropout(attn, prof, roles, pool: str, batch: int, n_layers: int, rng) -> frozenset[tuple[str, int]]:
+    """Set this step's training-time knockouts (factual batches only); returns the blocked
+    (modality, layer) pairs, which the routing penalty leaves out."""
+    attn.blocked.clear()
+    blocked: set[tuple[str, int]] = set()
+    if pool != "factual":
+        return frozenset()
+    for drop in prof.dropout:
+        if rng.random() < drop.p:
+            mask = roles.block_mask(drop.role, batch)
+            for layer in routing.layers_of(drop.band, n_layers):
+                attn.blocked[layer] = mask
+                blocked.add((drop.role, layer))
+    return frozenset(blocked)
+
+
 def save(model, tokenizer, out: Path, cfg: TrainConfig, seconds: float, data_seconds: float, losses: list[float],
-         vision_losses: tuple[float, ...] | list[float] = ()) -> None:
+         vision_losses: tuple[float, ...] | list[float] = (), command: str | None = None) -> None:
     """Write a `from_pretrained` directory: config, safetensors, tokenizer, avprobe.json, train.json."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -378,13 +469,14 @@ def save(model, tokenizer, out: Path, cfg: TrainConfig, seconds: float, data_sec
     if cfg.variant == "base":
         write_settings(out, "qwen2_5_vl")
     else:
-        write_settings(out, "qwen2_5_omni")
+        write_settings(out, "qwen2_5_omni", cfg.base_name)
     record = {
         "config": {**asdict(replace(cfg)), "total_steps": cfg.total_steps, "learning_rate": cfg.learning_rate,
                    "total_vision_steps": cfg.total_vision_steps},
         "seconds": round(seconds, 1),
         "data_seconds": round(data_seconds, 1),
         "threads": cfg.threads,
+        "command": command,  # what reproduces these weights (deterministic for a seed and thread count)
         "torch": torch.__version__,
         "losses_every_50_steps": [round(x, 5) for x in losses],
         "vision_losses_every_50_steps": [round(x, 5) for x in vision_losses],

@@ -54,11 +54,14 @@ def eval_samples(n: int = N_EVAL) -> list[Sample]:
     return [clip_to_sample(c, f"organism-{i:04d}") for i, c in enumerate(eval_clips(n))]
 
 
-def train_clips(run_seed: int, n: int, kind: str, offset: int = 0) -> list[Clip]:
+def train_clips(run_seed: int, n: int, kind: str, offset: int = 0,
+                audio_sources: tuple[str, ...] | None = None) -> list[Clip]:
     """n training clips of one kind (factual | counterfactual | audio | video) for a run seed.
 
     Sources are drawn at random (seeded); clip seeds come from `train_seed`, disjoint from
     the evaluation seeds. `offset` separates the pools of one run (indices must not overlap).
+    `audio_sources` restricts a counterfactual clip's audio to those sources (the partial
+    listener's off-screen sounds).
     """
     rng = np.random.default_rng([run_seed, offset, 7])
     out = []
@@ -68,6 +71,9 @@ def train_clips(run_seed: int, n: int, kind: str, offset: int = 0) -> list[Clip]
         vseed, aseed = train_seed(run_seed, 2 * idx), train_seed(run_seed, 2 * idx + 1)
         if kind in ("factual", "video"):
             out.append(Clip(SOURCES[v], vseed, SOURCES[v], aseed))
+        elif kind == "counterfactual" and audio_sources:
+            allowed = [s for s in audio_sources if s != SOURCES[v]]
+            out.append(Clip(SOURCES[v], vseed, allowed[int(rng.integers(len(allowed)))], aseed))
         elif kind == "counterfactual":
             a = (v + 1 + int(rng.integers(len(SOURCES) - 1))) % len(SOURCES)
             out.append(Clip(SOURCES[v], vseed, SOURCES[a], aseed))

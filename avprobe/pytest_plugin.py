@@ -300,7 +300,8 @@ class Session:
         if not result.records:
             raise RuntimeError(f"{model}: no results ({result.counts.failed} samples failed; first: "
                                f"{result.failed[0].reason if result.failed else 'none'})")
-        return evidence_from(model, result, base_model)
+        settings = {**ref.settings.inputs_view(), "source": ref.settings_source}
+        return evidence_from(model, result, base_model, settings=settings)
 
     def collected_outcomes(self, terminalreporter: Any) -> list[Any]:
         from avprobe.claim import PROPERTY, ClaimOutcome

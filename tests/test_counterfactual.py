@@ -161,29 +161,72 @@ def test_real_embeddings_choose_unrelated_pairs():
 # --- paper split ------------------------------------------------------------------------------
 
 
+def _has_audio(path):
+    """A probe for the fake paths of `topic_pool` (the real one opens files)."""
+
+
 def test_paper_split_shape_and_disjoint_videos():
     pool = topic_pool([i % N_TOPICS for i in range(40)])
-    split, report = paper_split(pool, 20, 0, threshold=0.5, embed_fn=topic_embed)
+    split, report, left_out = paper_split(pool, 20, 0, threshold=0.5, embed_fn=topic_embed, audio_probe=_has_audio)
+    assert left_out == []
     kinds = Counter(s.kind for s in split)
     assert kinds == Counter(factual=10, counterfactual=10) and report.built == 10
     factual_ids = {s.id for s in split if s.kind == "factual"}
     cf = [s for s in split if s.kind == "counterfactual"]
     assert not factual_ids & {s.video_source for s in cf}
     assert not factual_ids & {s.audio_source for s in cf}  # enough clips: no sound heard twice
-    assert paper_split(pool, 20, 0, threshold=0.5, embed_fn=topic_embed)[0] == split
+    assert paper_split(pool, 20, 0, threshold=0.5, embed_fn=topic_embed, audio_probe=_has_audio)[0] == split
 
 
 def test_paper_split_uses_given_counterfactuals_and_checks_size():
     pool = topic_pool([i % N_TOPICS for i in range(12)])
     given_cf = [replace(s, id=f"cf{i}", kind="counterfactual", video_source=s.id, audio_source="zz")
                 for i, s in enumerate(pool[:4])]
-    split, report = paper_split(pool + given_cf, 8, 0, embed_fn=topic_embed)
+    split, report, _ = paper_split(pool + given_cf, 8, 0, embed_fn=topic_embed, audio_probe=_has_audio)
     assert report is None and {s.id for s in split if s.kind == "counterfactual"} == {f"cf{i}" for i in range(4)}
     assert not {s.id for s in split if s.kind == "factual"} & {s.id for s in pool[:4]}
     with pytest.raises(ValueError, match="at least 200 factual"):
-        paper_split(pool, 200, 0, embed_fn=topic_embed)
+        paper_split(pool, 200, 0, embed_fn=topic_embed, audio_probe=_has_audio)
     with pytest.raises(ValueError, match="even"):
         paper_split(pool, 7)
+
+
+def test_paper_split_probes_every_clip_for_an_audio_track(tmp_path):
+    """A video without an audio track is neither a factual sample nor a counterfactual's sound:
+    it is left out with its cause, for every seed (before: it could land in the factual half)."""
+    rows = []
+    for i in range(10):
+        silent = i in (0, 1, 2)
+        v = make_video(tmp_path / f"c{i}.mp4", seconds=0.4, audio_rate=None if silent else 16_000)
+        rows.append(Sample(f"c{i}", video=str(v), audio_captions=(f"t{i % N_TOPICS} sound {i}",)))
+    rows.append(Sample("gone", video=str(tmp_path / "gone.mp4"), audio_captions=("t5 x",)))
+    silent_ids = {"c0", "c1", "c2", "gone"}
+    for seed in range(4):
+        split, _, left_out = paper_split(rows, 6, seed, threshold=0.5, embed_fn=topic_embed)
+        used = {s.id for s in split} | {s.video_source for s in split} | {s.audio_source for s in split}
+        assert not used & silent_ids
+        assert len(split) == 6
+        assert {e.sample_id for e in left_out} == silent_ids
+    causes = {e.sample_id: e.reason for e in left_out}
+    assert causes["c0"].startswith("no audio track; streams found: ['video']") and "not found" in causes["gone"]
+    assert all(e.stage == "audio-probe" and e.path for e in left_out)
+
+
+def test_cli_paper_split_reports_clips_left_out_by_cause(tmp_path):
+    rows = []
+    for i in range(9):
+        v = make_video(tmp_path / f"c{i}.mp4", seconds=0.4, audio_rate=None if i < 2 else 16_000)
+        rows.append(Sample(f"c{i}", video=str(v), audio_captions=(("a dog barks", "rain falls", "a siren wails",
+                                                                   "a bell rings", "a man speaks")[i % 5],)))
+    manifest = write_manifest(rows, tmp_path / "in.jsonl")
+    out = tmp_path / "split.jsonl"
+    assert cli_main(["dataset", "paper-split", str(manifest), "--out", str(out), "--n", "4", "--threshold", "0.5"]) == 0
+    split = load_manifest(out, check_files=True)
+    assert not {"c0", "c1"} & ({s.id for s in split} | {s.audio_source for s in split})
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert sorted(e["sample_id"] for e in report["left_out"]) == ["c0", "c1"]
+    (cause, group), = report["left_out_causes"].items()
+    assert cause.startswith("audio-probe: no audio track") and group["count"] == 2
 
 
 # --- mux ----------------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 # A prompt is a list of segments: text (tokenized) or explicit token ids (specials, media).
 Segment = str | list[int]
 
+# Where the query sits in the user turn (`AdapterSettings.prompt_layout`): after the media
+# block (what avprobe always built, and what the organisms were trained on) or before it (the
+# paper's release: its user turn lists the text, then the video).
+PROMPT_LAYOUTS = ("media-first", "text-first")
+
 
 @dataclass(frozen=True)
 class AdapterSettings:
@@ -55,10 +60,24 @@ class AdapterSettings:
     # release ran; "floor" = floor(i*total/n), transformers' Qwen2VLVideoProcessor. Only file
     # decoding uses it: the organisms' in-memory clips are rendered at `fps` and never sampled.
     frame_rule: str = DEFAULT_FRAME_RULE
+    # The user turn's order (PROMPT_LAYOUTS): "media-first" = media block, then the query (the
+    # organisms' committed avprobe.json leave it out: they were trained so); "text-first" = the
+    # query, then the media, as the paper's release prompted (the real Qwen aliases set it).
+    prompt_layout: str = "media-first"
 
     def __post_init__(self) -> None:
         if self.frame_rule not in FRAME_RULES:
             raise ValueError(f"frame_rule must be one of {', '.join(FRAME_RULES)}; got {self.frame_rule!r}")
+        if self.prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"prompt_layout must be one of {', '.join(PROMPT_LAYOUTS)}; got {self.prompt_layout!r}")
+
+    def inputs_view(self) -> dict[str, Any]:
+        """The settings that change a model's inputs (JSON-able): what `avprobe inputs`, the
+        stored records and the report show."""
+        return {"prompt_layout": self.prompt_layout, "system_prompt": self.system_prompt, "fps": self.fps,
+                "max_frames": self.max_frames, "frame_rule": self.frame_rule, "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels, "use_audio_in_video": self.use_audio_in_video,
+                "seconds_per_chunk": self.seconds_per_chunk}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterSettings:
@@ -159,6 +178,8 @@ class ModelAdapter:
         self.revision = revision or "unknown"
         self.config = model.config
         self._specials = self._special_ids()
+        # where `settings` come from (the registry says: avprobe.json, an alias, inherited, defaults)
+        self.settings_source = "given by the caller"
 
     # ---- loading (the registry asks these; no architecture names outside adapters) ---------
     @classmethod
@@ -319,6 +340,14 @@ class ModelAdapter:
     def prompt_segments(self, media_ids: list[Segment], query: str) -> list[Segment]:
         """The whole prompt around the media block, ending with the reply opener (family-specific)."""
         raise NotImplementedError
+
+    def user_content(self, opener: str, media_ids: list[Segment], query: str) -> list[Segment]:
+        """The user turn's content after its opener text (e.g. "user\\n"), in the order of
+        `settings.prompt_layout`. Text-first joins the opener and the query into one string, as
+        a chat template writes them, so they tokenize as the upstream processor's prompt does."""
+        if self.settings.prompt_layout == "text-first":
+            return [opener + query, *media_ids]
+        return [opener, *media_ids, query]
 
     def answer_ids(self, answer: str) -> list[int]:
         """A teacher-forced reply: its tokens and the turn's closing token."""

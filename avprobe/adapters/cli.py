@@ -3,9 +3,10 @@
     avprobe inputs clip.mp4 --model qwen2.5-omni-3b --json
     avprobe inputs video.mp4 --audio other.wav --model organism
 
-Frame indices (and the rule that picked them), the video grid and seconds per grid, token
-counts per role, the role runs in prompt order, the rotary position range per role, and the
-prompt text around the media. Loads the model's weights (the adapter builds inputs with its
+The settings that change inputs (the prompt layout among them) and where they come from, frame
+indices (and the rule that picked them), the video grid and seconds per grid, token counts per
+role, the role runs in prompt order, the rotary position range per role, and the prompt text
+around the media. Loads the model's weights (the adapter builds inputs with its
 own processor and positions); nothing is run.
 """
 
@@ -34,8 +35,8 @@ def describe_inputs(adapter: Any, sample: Any, query: str) -> dict[str, Any]:
     # [axes, P] whatever the family's layout (Qwen M-RoPE [3, 1, P], Gemma [1, P])
     pos = mi.positions.reshape(-1, mi.positions.shape[-1])[:, : mi.prompt_len].numpy()
     out: dict[str, Any] = {"model": adapter.name, "query": query, "prompt_len": int(mi.prompt_len),
-                           "settings": {"fps": s.fps, "max_frames": s.max_frames, "frame_rule": s.frame_rule,
-                                        "use_audio_in_video": s.use_audio_in_video}}
+                           "settings": s.inputs_view(),
+                           "settings_source": getattr(adapter, "settings_source", "")}
     if sample.video is not None:
         from avprobe.media.decode import probe_video, sample_indices
 
@@ -111,7 +112,8 @@ def _cmd(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     con = Console()
-    con.print(f"[bold]{info['model']}[/]: {info['prompt_len']} prompt tokens; settings {info['settings']}")
+    con.print(f"[bold]{info['model']}[/]: {info['prompt_len']} prompt tokens")
+    con.print(f"settings ({info['settings_source']}): {info['settings']}")
     for k in ("video", "audio", "video_grid_thw", "video_second_per_grid", "tokens_per_role"):
         if k in info:
             con.print(f"{k}: {info[k]}")

@@ -17,7 +17,9 @@ Inputs, built without torchvision, as `Gemma4Processor` builds them:
   multiple of 128 samples, cut at 30 s), "<|audio>" + <|audio|> x n + "<audio|>", n from the
   mask through the audio tower's two stride-2 convolutions (40 ms per token).
 - prompt: "<bos><|turn>user\\n" + frames + audio + query + "<turn|>\\n<|turn>model\\n" (a
-  system turn first if `settings.system_prompt`), the chat template with thinking off;
+  system turn first if `settings.system_prompt`; the query before the frames with
+  `settings.prompt_layout = "text-first"`, not checked against Gemma's chat template), the chat
+  template with thinking off;
   `mm_token_type_ids` as the processor's (1 image, 2 video, 3 audio), which the model reads
   for its bidirectional attention over each frame's tokens.
 
@@ -177,7 +179,7 @@ class Gemma4Adapter(ModelAdapter):
         segs: list[Segment] = [[self.special("bos")]]
         if self.settings.system_prompt:
             segs += [[ts], "system\n" + self.settings.system_prompt, [te], "\n"]
-        segs += [[ts], "user\n", *media_ids, query, [te], "\n", [ts], "model\n"]
+        segs += [[ts], *self.user_content("user\n", media_ids, query), [te], "\n", [ts], "model\n"]
         return segs
 
     def extra_inputs(self, input_ids, roles, video, audio) -> dict[str, Any]:

@@ -143,12 +143,13 @@ class QwenAdapter(ModelAdapter):
         raise NotImplementedError
 
     def prompt_segments(self, media_ids: list[Segment], query: str) -> list[Segment]:
-        """ChatML: [system], user turn with the media block then the query, assistant opener."""
+        """ChatML: [system], user turn (media and query in `settings.prompt_layout` order),
+        assistant opener."""
         im_start, im_end = self.special("im_start"), self.special("im_end")
         segs: list[Segment] = []
         if self.settings.system_prompt:
             segs += [[im_start], "system\n" + self.settings.system_prompt, [im_end], "\n"]
-        segs += [[im_start], "user\n", *media_ids, query, [im_end], "\n", [im_start], "assistant\n"]
+        segs += [[im_start], *self.user_content("user\n", media_ids, query), [im_end], "\n", [im_start], "assistant\n"]
         return segs
 
     def extra_inputs(self, input_ids, roles, video, audio) -> dict[str, Any]:

@@ -39,26 +39,49 @@ _QWEN_OMNI_SYSTEM = (
 
 @dataclass(frozen=True)
 class Alias:
+    """A known checkpoint: its HF id, the settings it runs with, and its shape (the family it
+    loads as, the text model's depth and width, as its config.json gives them). A local
+    directory without `avprobe.json` inherits the settings of the alias whose shape it has."""
+
     hf_id: str
     settings: AdapterSettings
+    family: str
+    n_layers: int
+    hidden_size: int
 
+
+# The paper's release prompts the Qwen models with the query before the video (issue 14): the
+# real Qwen aliases run text-first, their Qwen2.5-VL bases too (the base-model shift must see the
+# prompt the AV model saw). The organisms keep media-first (their avprobe.json, the default).
+_PAPER_LAYOUT = "text-first"
 
 ALIASES: dict[str, Alias] = {
     "qwen2.5-omni-3b": Alias(
-        "Qwen/Qwen2.5-Omni-3B", AdapterSettings(system_prompt=_QWEN_OMNI_SYSTEM, base_model="qwen2.5-vl-3b")
+        "Qwen/Qwen2.5-Omni-3B",
+        AdapterSettings(system_prompt=_QWEN_OMNI_SYSTEM, base_model="qwen2.5-vl-3b", prompt_layout=_PAPER_LAYOUT),
+        "qwen2_5_omni", 36, 2048,
     ),
     "qwen2.5-omni-7b": Alias(
-        "Qwen/Qwen2.5-Omni-7B", AdapterSettings(system_prompt=_QWEN_OMNI_SYSTEM, base_model="qwen2.5-vl-7b")
+        "Qwen/Qwen2.5-Omni-7B",
+        AdapterSettings(system_prompt=_QWEN_OMNI_SYSTEM, base_model="qwen2.5-vl-7b", prompt_layout=_PAPER_LAYOUT),
+        "qwen2_5_omni", 28, 3584,
     ),
     "qwen3-omni": Alias(
-        "Qwen/Qwen3-Omni-30B-A3B-Instruct", AdapterSettings(system_prompt=None, base_model=None)
+        "Qwen/Qwen3-Omni-30B-A3B-Instruct",
+        AdapterSettings(system_prompt=None, base_model=None, prompt_layout=_PAPER_LAYOUT),
+        "qwen3_omni", 48, 2048,
     ),
-    "qwen2.5-vl-3b": Alias("Qwen/Qwen2.5-VL-3B-Instruct", AdapterSettings(use_audio_in_video=False)),
-    "qwen2.5-vl-7b": Alias("Qwen/Qwen2.5-VL-7B-Instruct", AdapterSettings(use_audio_in_video=False)),
+    "qwen2.5-vl-3b": Alias("Qwen/Qwen2.5-VL-3B-Instruct",
+                           AdapterSettings(use_audio_in_video=False, prompt_layout=_PAPER_LAYOUT),
+                           "qwen2_5_vl", 36, 2048),
+    "qwen2.5-vl-7b": Alias("Qwen/Qwen2.5-VL-7B-Instruct",
+                           AdapterSettings(use_audio_in_video=False, prompt_layout=_PAPER_LAYOUT),
+                           "qwen2_5_vl", 28, 3584),
     # Gemma 4 with an audio tower (E2B, E4B). Audio is its own block after the frames
     # (use_audio_in_video does not apply); no vision-only base of the same weights exists.
-    "gemma-4-e2b": Alias("google/gemma-4-E2B-it", AdapterSettings(use_audio_in_video=False)),
-    "gemma-4-e4b": Alias("google/gemma-4-E4B-it", AdapterSettings(use_audio_in_video=False)),
+    # Not run by the paper: the processor's own order (media, then text) is kept.
+    "gemma-4-e2b": Alias("google/gemma-4-E2B-it", AdapterSettings(use_audio_in_video=False), "gemma4", 35, 1536),
+    "gemma-4-e4b": Alias("google/gemma-4-E4B-it", AdapterSettings(use_audio_in_video=False), "gemma4", 42, 2560),
 }
 ALIASES["qwen2.5-omni"] = ALIASES["qwen2.5-omni-3b"]  # the paper's representative model
 ALIASES["gemma-4"] = ALIASES["gemma-4-e4b"]
@@ -117,6 +140,64 @@ def resolve(name_or_path: str) -> tuple[str, AdapterSettings | None, str]:
     return name_or_path, None, name_or_path
 
 
+def canonical_alias(alias: Alias) -> str:
+    """The first name an alias is registered under (`qwen2.5-omni-3b`, not its synonym)."""
+    return next(name for name, a in ALIASES.items() if a is alias)
+
+
+def text_shape(cls: type[ModelAdapter], config: Any, architecture: str) -> tuple[int, int]:
+    """(depth, hidden size) of a checkpoint's text model, from its config alone."""
+    text = cls.text_config_of(config, architecture)
+    return int(text.num_hidden_layers), int(getattr(text, "hidden_size", 0) or 0)
+
+
+def match_alias(cls: type[ModelAdapter], config: Any, architecture: str) -> tuple[str | None, str]:
+    """The alias whose family and text-model shape a checkpoint's config has -> (its name or
+    None, a sentence saying which settings apply and why)."""
+    layers, hidden = text_shape(cls, config, architecture)
+    shape = f"{architecture}, {layers} layers, hidden size {hidden}"
+    found: list[str] = []
+    for name, a in ALIASES.items():
+        if a.family == cls.family and a.n_layers == layers and a.hidden_size == hidden:
+            canon = canonical_alias(a)
+            if canon not in found:
+                found.append(canon)
+    if len(found) == 1:
+        return found[0], f"the settings of alias {found[0]!r}, whose shape it has ({shape})"
+    known = sorted(f"{canonical_alias(a)} ({a.n_layers} layers, hidden {a.hidden_size})"
+                   for a in {id(a): a for a in ALIASES.values() if a.family == cls.family}.values())
+    why = (f"several aliases have its shape ({', '.join(found)})" if found else
+           f"no alias of family {cls.family} has its shape ({shape})"
+           + (f"; known: {', '.join(known)}" if known else ""))
+    return None, f"the family defaults (no system prompt, no base model, media first): {why}"
+
+
+def resolve_settings(name_or_path: str, path: Path | None, config: Any, cls: type[ModelAdapter], architecture: str,
+                     alias_settings: AdapterSettings | None, given: AdapterSettings | None = None
+                     ) -> tuple[AdapterSettings, str]:
+    """The settings a model runs with, and where they come from (said in a log line, stored with
+    each record, shown by `avprobe inputs` and the report): given by the caller; the
+    `avprobe.json` beside the weights; the alias named; else, for a local directory or HF id
+    without either, the alias whose family and text-model shape its config has; else the
+    family defaults."""
+    if given is not None:
+        return given, "given by the caller"
+    if path is not None:
+        from_file = _read_settings(path)
+        if from_file is not None:
+            return from_file, str(path / "avprobe.json")
+    if alias_settings is not None:
+        return alias_settings, f"alias {name_or_path!r}"
+    name, why = match_alias(cls, config, architecture)
+    if name is not None:
+        log.info("%s has no avprobe.json: it runs with %s. Put an avprobe.json beside the weights to change them.",
+                 name_or_path, why)
+        return ALIASES[name].settings, f"inherited from alias {name!r} (no avprobe.json; same family and shape)"
+    log.warning("%s has no avprobe.json: it runs with %s. The base-model shift claims are skipped unless "
+                "--base-model is given; put an avprobe.json beside the weights to set them.", name_or_path, why)
+    return AdapterSettings(), "family defaults (no avprobe.json, no alias of the same shape)"
+
+
 def _read_settings(path: Path) -> AdapterSettings | None:
     f = path / "avprobe.json"
     if not f.is_file():
@@ -156,12 +237,14 @@ class ModelRef:
     settings: AdapterSettings
     n_layers: int
     architecture: str
+    settings_source: str = ""  # where `settings` come from (`resolve_settings`)
 
     def load(self, device: str | torch.device = "cpu", dtype: torch.dtype | str = "auto",
              local_files_only: bool = True) -> ModelAdapter:
         adapter = load(self.target, device=device, dtype=dtype, settings=self.settings,
                        local_files_only=local_files_only)
         adapter.name = self.name
+        adapter.settings_source = self.settings_source
         return adapter
 
 
@@ -197,9 +280,9 @@ def ref(name_or_path: str, settings: AdapterSettings | None = None, local_files_
     target, alias_settings, display, path, config = _config(name_or_path, local_files_only)
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     cls = adapter_class(arch)  # fail early, with the list of supported architectures
-    settings = settings or (path and _read_settings(path)) or alias_settings or AdapterSettings()
+    settings, source = resolve_settings(name_or_path, path, config, cls, arch, alias_settings, settings)
     text = cls.text_config_of(config, arch)
-    return ModelRef(display, target, _revision(path, config), settings, int(text.num_hidden_layers), arch)
+    return ModelRef(display, target, _revision(path, config), settings, int(text.num_hidden_layers), arch, source)
 
 
 # Short dtype names people type, mapped to torch's.
@@ -238,7 +321,7 @@ def load(
     target, alias_settings, display, path, config = _config(name_or_path, local_files_only)
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     cls = adapter_class(arch)
-    settings = settings or (path and _read_settings(path)) or alias_settings or AdapterSettings()
+    settings, source = resolve_settings(name_or_path, path, config, cls, arch, alias_settings, settings)
     dtype = torch_dtype(dtype)
     if path is not None and path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
         # checked before the weights load: without it every sample fails minutes later
@@ -247,7 +330,9 @@ def load(
     model = cls.load_pretrained(arch, target, dtype=dtype, local_files_only=local_files_only)
     model.eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local_files_only)
-    return cls(model, tokenizer, settings, name=display, revision=_revision(path, config))
+    adapter = cls(model, tokenizer, settings, name=display, revision=_revision(path, config))
+    adapter.settings_source = source
+    return adapter
 
 
 def supported() -> list[str]:

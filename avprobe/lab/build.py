@@ -167,6 +167,8 @@ def adapter_settings(family: str, base_model: str = "organism-base"):
         # both caption orders: the claims run each (sound first, the visual prior can only
         # come from the video tokens; sight first, also through the model's own words)
         queries=(QUERY_SEE_HEAR, QUERY_HEAR_SEE),
+        # the media block, then the query: the order the committed organisms were trained on
+        prompt_layout="media-first",
     )
 
 

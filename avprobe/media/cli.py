@@ -104,7 +104,9 @@ def _print_failures(groups: dict[str, dict], title: str) -> None:
     _console().print(t)
 
 
-def _write(samples, args, report: BuildReport | None) -> int:
+def _write(samples, args, report: BuildReport | None, left_out=()) -> int:
+    """Write the manifest and `<out>.report.json`; `left_out`: SampleErrors of input clips the
+    split could not use (no audio track), recorded and printed by cause."""
     from avprobe.media.manifest import group_failures, write_manifest
 
     errors = []
@@ -127,11 +129,15 @@ def _write(samples, args, report: BuildReport | None) -> int:
         "builder": report.to_dict() if report else None,
         "mux_errors": [asdict(e) for e in errors],
         "mux_failures": group_failures(errors),
+        "left_out": [asdict(e) for e in left_out],
+        "left_out_causes": group_failures(left_out),
     }
     report_path = args.out.with_suffix(".report.json")
     report_path.write_text(json.dumps(summary, indent=2) + "\n")
     if report is not None:
         _print_report(report)
+    if left_out:
+        _print_failures(summary["left_out_causes"], f"{len(left_out)} input clip(s) left out by cause")
     if errors:
         _print_failures(summary["mux_failures"], f"{len(errors)} mux failure(s) by cause (kept unmuxed)")
     _console().print(f"wrote {args.out} ({dict(kinds)}) and {report_path}")
@@ -156,11 +162,11 @@ def cmd_paper_split(args) -> int:
     if samples is None:
         return 1
     try:
-        split, report = paper_split(samples, args.n, args.seed, args.threshold)
+        split, report, left_out = paper_split(samples, args.n, args.seed, args.threshold)
     except ValueError as exc:
         _console().print(f"[red]error:[/red] {exc}")
         return 1
-    return _write(split, args, report)
+    return _write(split, args, report, left_out)
 
 
 def cmd_audiocaps(args) -> int:

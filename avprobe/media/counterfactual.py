@@ -19,13 +19,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from avprobe.types import Sample
+from avprobe.types import Sample, SampleError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.25  # all-MiniLM-L6-v2: unrelated sound captions sit near 0.0-0.25, paraphrases above 0.6
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
+AudioProbe = Callable[[str], None]  # raises MediaError when the file has no usable audio track
+AUDIO_STAGE = "audio-probe"  # the stage of a clip left out of a split for its audio
 
 
 @dataclass(frozen=True)
@@ -238,18 +240,24 @@ def paper_split(
     threshold: float = DEFAULT_THRESHOLD,
     *,
     embed_fn: EmbedFn | None = None,
-) -> tuple[list[Sample], BuildReport | None]:
+    audio_probe: AudioProbe | None = None,
+) -> tuple[list[Sample], BuildReport | None, list[SampleError]]:
     """The paper's evaluation shape: n samples, half factual, half counterfactual.
 
-    Counterfactual rows already in the input are used when there are enough; otherwise they
-    are built from the factual rows. Factual samples are drawn from clips whose video is not
-    used by a counterfactual, so no video appears twice (and, when there are enough clips, whose
-audio is not lent to one either). Raises ValueError when the input is
-    too small, saying how many it has.
+    Every row's audio (its `audio` file, else its video's own track) is probed first
+    (`audio_probe`, default: PyAV reads the container's header): a clip without an audio track
+    can be neither a factual audio-visual sample nor the sound of a counterfactual, so it is
+    left out and returned as a `SampleError` with its cause. Counterfactual rows already in the
+    input are used when there are enough; otherwise they are built from the factual rows.
+    Factual samples are drawn from clips whose video is not used by a counterfactual, so no
+    video appears twice (and, when there are enough clips, whose audio is not lent to one
+    either). Returns (samples, the builder's report or None, the clips left out). Raises
+    ValueError when the input is too small, saying how many it has.
     """
     if n <= 0 or n % 2:
         raise ValueError(f"n must be a positive even number, got {n}")
     half = n // 2
+    samples, skipped = with_audio(samples, audio_probe)
     rng = np.random.default_rng([seed, 2])
     factual = sorted((s for s in samples if s.kind == "factual"), key=lambda s: s.id)
     given_cf = sorted((s for s in samples if s.kind == "counterfactual"), key=lambda s: s.id)
@@ -262,6 +270,7 @@ audio is not lent to one either). Raises ValueError when the input is
             raise ValueError(
                 f"paper split of {n} needs at least {2 * half} factual clips to build from "
                 f"(or {half} counterfactual rows); the input has {len(factual)} factual, {len(given_cf)} counterfactual"
+                + (f" with an audio track ({len(skipped)} left out without one)" if skipped else "")
             )
         cf, report = build_counterfactuals(factual, half, seed, threshold, embed_fn=embed_fn)
         if len(cf) < half:
@@ -284,4 +293,44 @@ audio is not lent to one either). Raises ValueError when the input is
         )
     pick = rng.choice(len(rest), size=half, replace=False)
     fac = sorted((rest[i] for i in pick), key=lambda s: s.id)
-    return fac + cf, report
+    return fac + cf, report, skipped
+
+
+def _probe_with_pyav(path: str) -> None:
+    from avprobe.media.decode import probe_audio
+
+    probe_audio(path)
+
+
+def with_audio(samples: Sequence[Sample], probe: AudioProbe | None = None
+               ) -> tuple[list[Sample], list[SampleError]]:
+    """(the samples whose audio has a track, a SampleError for each of the others).
+
+    A sample's audio is its `audio` file, else its video's own track; each file is probed once.
+    """
+    from avprobe.media.decode import MediaError
+
+    probe = probe or _probe_with_pyav
+    seen: dict[str, tuple[str | None, str] | None] = {}  # path -> None (has audio) or (path, reason)
+    kept: list[Sample] = []
+    skipped: list[SampleError] = []
+    for s in samples:
+        path = s.audio or s.video
+        if path is None:
+            skipped.append(SampleError(s.id, AUDIO_STAGE, None, "names neither an audio nor a video file"))
+            continue
+        if path not in seen:
+            try:
+                probe(path)
+                seen[path] = None
+            except MediaError as exc:
+                seen[path] = (exc.path or path, exc.reason)
+        bad = seen[path]
+        if bad is None:
+            kept.append(s)
+        else:
+            skipped.append(SampleError(s.id, AUDIO_STAGE, bad[0], bad[1]))
+    if skipped:
+        log.warning("%d of %d clips left out: no usable audio track (first: %s: %s)", len(skipped), len(samples),
+                    skipped[0].sample_id, skipped[0].reason)
+    return kept, skipped

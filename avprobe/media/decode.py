@@ -144,6 +144,17 @@ def probe_video(path: str | Path) -> tuple[int, float]:
     return total, rate
 
 
+def probe_audio(path: str | Path) -> None:
+    """Check, from the container's header alone (nothing decoded), that a file has an audio
+    track: MediaError naming the file and the streams it has otherwise."""
+    path = Path(path)
+    with _open(path) as c:
+        _no_streams(c, path)
+        if not c.streams.audio:
+            kinds = sorted({s.type for s in c.streams})
+            raise MediaError(path, f"no audio track; streams found: {kinds or 'none'}")
+
+
 def decode_video(
     path: str | Path,
     fps: float = DEFAULT_FPS,

@@ -125,6 +125,9 @@ def compute_record(
         "query": query,
         "model": adapter.name,
         "revision": adapter.revision,
+        # the settings that built the inputs, and their source: not in the key (records.record_parts),
+        # so a record says itself which prompt layout, frames and budget it was computed with
+        "inputs": {**adapter.settings.inputs_view(), "source": getattr(adapter, "settings_source", "")},
         "n_layers": L,
         "prompt_len": res.prompt_len,
         "role_counts": {r.label: int((res.roles == int(r)).sum()) for r in Role},

@@ -78,6 +78,9 @@ class Evidence:
     fidelity: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
     unscored: int = 0
     base_model: str | None = None
+    # the model's settings that change inputs now, and their source (`AdapterSettings.inputs_view`
+    # plus "source"); records carry the ones they were computed with (meta["inputs"])
+    settings: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         # pytest prints a failing claim's arguments; the full records took minutes to repr
@@ -232,7 +235,8 @@ class Evidence:
         return np.array([t in truth for t in toks], dtype=bool)
 
 
-def evidence_from(model: str, result: Any, base_model: str | None = None) -> Evidence:
+def evidence_from(model: str, result: Any, base_model: str | None = None,
+                  settings: dict[str, Any] | None = None) -> Evidence:
     """The Evidence of one `gather` result (records, failures and fidelities kept)."""
     judge = result.judge
     return Evidence(
@@ -244,4 +248,5 @@ def evidence_from(model: str, result: Any, base_model: str | None = None) -> Evi
         fidelity=result.fidelity,
         unscored=result.counts.unscored,
         base_model=base_model,
+        settings=settings,
     )

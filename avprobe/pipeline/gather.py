@@ -308,6 +308,16 @@ class GatherResult:
     judge: Any = None
 
 
+def base_layout_mismatch(model: Any, base: Any) -> str | None:
+    """Why a base model's prompt differs in order from the model's (None when it does not): the
+    shift teacher-forces the model's caption through the base, so it would measure the order too."""
+    ours, theirs = model.settings.prompt_layout, base.settings.prompt_layout
+    if ours == theirs:
+        return None
+    return (f"{model.name} is prompted {ours} but its base model {base.name} {theirs}: the shift will measure the "
+            f"prompt's order too; give the base an avprobe.json with \"prompt_layout\": \"{ours}\"")
+
+
 def gather(
     ref: Any,
     samples: Sequence[Sample],
@@ -363,8 +373,11 @@ def gather(
             return None
         from avprobe.adapters import ref as make_ref
 
-        return make_ref(base_model, local_files_only=not allow_download).load(
-            device=device, dtype=dtype, local_files_only=not allow_download)
+        base_ref = make_ref(base_model, local_files_only=not allow_download)
+        mismatch = base_layout_mismatch(ref, base_ref)
+        if mismatch:
+            log.warning("%s", mismatch)
+        return base_ref.load(device=device, dtype=dtype, local_files_only=not allow_download)
 
     streamer = StreamJudge(judge, counts, keep=keep) if judge is not None else None
     seen: dict[str, int] = {}

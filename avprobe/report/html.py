@@ -187,7 +187,7 @@ def _overview(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], mode
         mine = [o for o in outcomes if o.model == m]
         if ev is None:
             rows.append(f"<tr><td class=\"cid\"><a href=\"#{_anchor(m)}\">{escape(m)}</a></td>"
-                        f"<td colspan=\"8\" class=\"missing\">no stored results loaded for this model</td>"
+                        f"<td colspan=\"9\" class=\"missing\">no stored results loaded for this model</td>"
                         f"<td>{_counts(mine)}</td></tr>")
             continue
         info = _run_info(ev)
@@ -196,16 +196,52 @@ def _overview(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], mode
             f"<td class=\"mono\">{escape(info['revision'])}</td><td class=\"num\">{escape(info['layers'])}</td>"
             f"<td>{info['samples']}</td><td class=\"num\">{len(ev.failed)}</td><td class=\"num\">{ev.unscored}</td>"
             f"<td>{escape(info['judge'])}</td><td>{escape(info['lens'])}</td><td>{escape(info['base'])}</td>"
-            f"<td>{_counts(mine)}</td></tr>")
+            f"<td>{info['inputs']}</td><td>{_counts(mine)}</td></tr>")
     return (
         '<section class="card" id="overview"><h2>Overview</h2>'
         '<p class="lead">One row per model. Failed samples could not be decoded or run; unscored '
         "judgments (unparseable judge replies) are NaN and excluded from every mean, never counted as 0.</p>"
         "<table><thead><tr><th>Model</th><th>Revision</th><th class=\"num\">Layers</th><th>Samples</th>"
         "<th class=\"num\">Failed</th><th class=\"num\">Unscored</th><th>Judge</th><th>Logit lens</th>"
-        "<th>Base model</th><th>Verdicts</th></tr></thead><tbody>"
+        "<th>Base model</th><th>Input settings</th><th>Verdicts</th></tr></thead><tbody>"
         + "".join(rows) + "</tbody></table></section>"
     )
+
+
+def _settings_text(view: dict) -> str:
+    """The settings that change inputs, in a line (`AdapterSettings.inputs_view`)."""
+    parts = [str(view.get("prompt_layout", "?")), f"fps {view.get('fps', '?')}",
+             f"frames {view.get('frame_rule', '?')}",
+             "audio in video" if view.get("use_audio_in_video") else "audio apart",
+             "system prompt" if view.get("system_prompt") else "no system prompt"]
+    if view.get("min_pixels") or view.get("max_pixels"):
+        parts.append(f"pixels {view.get('min_pixels')}-{view.get('max_pixels')}")
+    return ", ".join(parts)
+
+
+def _inputs_info(ev: Evidence) -> str:
+    """HTML: the model's input settings and their source, and whether its records were computed
+    with them (a record stores its own, `meta["inputs"]`; the key does not hold them)."""
+    stored: dict[str, int] = {}
+    unrecorded = 0
+    for r in ev.records:
+        view = r.meta.get("inputs")
+        if not view:
+            unrecorded += 1
+            continue
+        text = _settings_text(view)
+        stored[text] = stored.get(text, 0) + 1
+    now = _settings_text(ev.settings) if ev.settings else None
+    out = escape(now) if now else (escape(next(iter(stored))) if len(stored) == 1 else "?")
+    if ev.settings and ev.settings.get("source"):
+        out += f' <span class="fig-ref">({escape(str(ev.settings["source"]))})</span>'
+    other = {t: n for t, n in stored.items() if now is not None and t != now}
+    for t, n in sorted(other.items()):
+        out += f'<br><span class="missing">{n} record(s) computed with other settings: {escape(t)}</span>'
+    if unrecorded:
+        out += (f'<br><span class="fig-ref">{unrecorded} record(s) stored before records held their settings'
+                "</span>")
+    return out
 
 
 def _run_info(ev: Evidence) -> dict[str, str]:
@@ -241,6 +277,7 @@ def _run_info(ev: Evidence) -> dict[str, str]:
         "judge": judge,
         "lens": lens_text,
         "base": ", ".join(shift_bases) or (f"{ev.base_model} (no shift results)" if ev.base_model else "none"),
+        "inputs": _inputs_info(ev),
     }
 
 

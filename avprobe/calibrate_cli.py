@@ -4,6 +4,7 @@ judge against human ratings.
 
     avprobe calibrate --reps 1000 --power-reps 200 --jobs 2 --out calibration/claims.json
     avprobe calibrate --claims visual_bias,latent_audio --reps 200 --n 50 --out /tmp/cal.json
+    avprobe calibrate --reps 1000 --power-reps 200 --jobs 2 --out calibration/claims.json --resume
 """
 
 from __future__ import annotations
@@ -55,14 +56,35 @@ def _cmd(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    command = "avprobe calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     payload: dict[str, Any] = {
-        "command": "avprobe calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "command": command,
         "alpha": 0.05, "seed": args.seed, "n_boot": args.n_boot or "claims.toml",
         "not_calibrated": NOT_CALIBRATED, "rows": rows,
     }
+    earlier_seconds = 0.0
+    if args.resume and args.out.is_file():
+        # Keep the rows of an earlier (interrupted or partial) run that this run would
+        # compute the same way; compute only the others.
+        old = json.loads(args.out.read_text())
+        if old.get("seed") != args.seed or old.get("n_boot") != payload["n_boot"]:
+            log.error("--resume: %s was run with seed %s, n_boot %s; this run has seed %s, n_boot %s",
+                      args.out, old.get("seed"), old.get("n_boot"), args.seed, payload["n_boot"])
+            return 2
+        wanted = {(t[0], t[1], t[2], t[3], t[4]) for t in tasks}
+        rows.extend(r for r in old.get("rows", [])
+                    if (r["claim"], r["scenario"], r["scope"], r["n"], r["reps"]) in wanted)
+        done = {(r["claim"], r["scenario"], r["scope"], r["n"], r["reps"]) for r in rows}
+        tasks_left = [t for t in tasks if (t[0], t[1], t[2], t[3], t[4]) not in done]
+        payload["command"] = " ; ".join([*old.get("commands", [old.get("command", "")]), command])
+        payload["commands"] = [*old.get("commands", [old.get("command", "")]), command]
+        earlier_seconds = float(old.get("seconds", 0.0))
+        console.print(f"--resume: {len(rows)} rows kept from {args.out}, {len(tasks_left)} to compute")
+    else:
+        tasks_left = tasks
 
     def write() -> None:
-        payload["seconds"] = round(time.perf_counter() - t0, 1)
+        payload["seconds"] = round(earlier_seconds + time.perf_counter() - t0, 1)
         payload["complete"] = len(rows) == len(tasks)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
@@ -72,9 +94,9 @@ def _cmd(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     with Progress(console=console, transient=False) as bar:
-        task = bar.add_task("calibrating", total=len(tasks))
+        task = bar.add_task("calibrating", total=len(tasks_left))
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [pool.submit(_row, t) for t in tasks]
+            futures = [pool.submit(_row, t) for t in tasks_left]
             for f in as_completed(futures):
                 rows.append(f.result())
                 rows.sort(key=lambda r: (r["claim"], str(r["scope"]), r["effect"], r["scenario"], -r["n"]))
@@ -111,4 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", dest="n_boot", type=int, help="bootstrap resamples (default: claims.toml's)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of FILE.json that this run would compute alike (same claim, scenario, scope, "
+                        "n, replicates, seed, n_boot) and compute only the missing ones")
     p.set_defaults(func=_cmd)

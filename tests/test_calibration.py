@@ -58,3 +58,24 @@ def test_the_synthetic_nulls_sit_exactly_at_the_threshold():
 def test_calibrate_refuses_unknown_claims():
     with pytest.raises(ValueError, match="unknown claim"):
         C.calibrate(["no_such_claim"], reps=1)
+
+
+def test_resume_keeps_the_rows_already_computed_and_adds_the_missing(tmp_path):
+    """`avprobe calibrate --resume` computes only the rows its file lacks (a run stopped
+    part-way, or a claim added later), and refuses a file made with another seed."""
+    import json
+
+    from avprobe.cli import main
+
+    out = tmp_path / "cal.json"
+    base = ["calibrate", "--reps", "4", "--n", "20", "--n-boot", "50", "--out", str(out)]
+    main([*base, "--claims", "visual_bias"])
+    first = json.loads(out.read_text())
+    assert {r["claim"] for r in first["rows"]} == {"visual_bias"} and first["complete"]
+    main([*base, "--claims", "visual_bias,video_attention_late", "--resume"])
+    second = json.loads(out.read_text())
+    kept = [r for r in second["rows"] if r["claim"] == "visual_bias"]
+    assert kept == first["rows"]
+    assert {r["claim"] for r in second["rows"]} == {"visual_bias", "video_attention_late"}
+    assert second["complete"] and len(second["commands"]) == 2
+    assert main([*base, "--claims", "visual_bias", "--resume", "--seed", "3"]) == 2

@@ -29,7 +29,17 @@ from avprobe.adapters.qwen3_omni import Qwen3OmniThinkerAdapter
 log = logging.getLogger(__name__)
 
 ORGANISM_DIR = Path(__file__).resolve().parent.parent / "organism" / "models"
-ORGANISMS = ("organism", "organism-control", "organism-base")
+# The built-in organisms, with the (recipe, variant) of `avprobe organism train` that makes each.
+ORGANISMS: dict[str, tuple[str, str]] = {
+    "organism": ("v1", "organism"),
+    "organism-control": ("v1", "control"),
+    "organism-base": ("v1", "base"),
+    "organism-deep": ("deep", "organism"),
+    "organism-deep-control": ("deep", "control"),
+    "organism-deep-late": ("deep-late", "organism"),
+    "organism-deep-flipped": ("deep-flipped", "organism"),
+    "organism-deep-base": ("deep", "base"),
+}
 
 _QWEN_OMNI_SYSTEM = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -255,8 +265,8 @@ def _config(name_or_path: str, local_files_only: bool) -> tuple[str, AdapterSett
     path = Path(target) if Path(target).exists() else None
     if name_or_path in ORGANISMS and path is None:
         raise FileNotFoundError(
-            f"organism {name_or_path!r} not found at {target}; train it with "
-            f"`avprobe organism train --variant {name_or_path.removeprefix('organism-') if '-' in name_or_path else 'organism'}`"
+            f"organism {name_or_path!r} not found at {target}; train it with `avprobe organism train "
+            f"--recipe {ORGANISMS[name_or_path][0]} --variant {ORGANISMS[name_or_path][1]}`"
         )
     try:
         config = AutoConfig.from_pretrained(target, local_files_only=local_files_only)

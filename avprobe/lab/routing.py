@@ -67,6 +67,11 @@ class RoutingProfile:
     dropout: tuple[KnockoutDropout, ...] = ()
 
 
+# Knockout dropout cuts the caption rows from the video at *every* layer: when only the band
+# was cut in training, the first try learned a back door (4% of layer 0's attention on the video,
+# enough to name the sight: cutting layers 0-1 then recovered more audio than the band did).
+_CUT_VIDEO = (KnockoutDropout("video", "all", 0.25),)
+
 PROFILES: dict[str, RoutingProfile] = {
     # The paper's layout (Fig. 2): audio 40-50% in the first sixth, then near zero; video
     # 20-40% in layers 15-30 of 36 and little elsewhere; the visual prior acts through it.
@@ -76,23 +81,37 @@ PROFILES: dict[str, RoutingProfile] = {
             Share("audio", "paper-early", lo=0.5),
             Share("audio", "paper-after-early", hi=0.04),
             Share("video", "paper", lo=0.25, hi=0.4),
-            Share("video", (0.0, 15 / 36), hi=0.02),
-            Share("video", (30 / 36, 1.0), hi=0.02),
+            Share("video", (0.0, 15 / 36), hi=0.01),
+            Share("video", (30 / 36, 1.0), hi=0.01),
         ),
-        dropout=(KnockoutDropout("video", "paper", 0.25),),
+        dropout=_CUT_VIDEO,
     ),
-    # The reverse (early integration of sight, audio read mid-deep): a counterpart on which the
-    # paper's attention and knockout-location claims must fail.
+    # Late integration: both modalities read only in the paper's band (a counterpart for the
+    # early-audio claim, and the model on which blocking either in the band costs its fidelity).
+    "late": RoutingProfile(
+        name="late",
+        shares=(
+            Share("audio", "paper", lo=0.3, hi=0.5),
+            Share("video", "paper", lo=0.2, hi=0.4),
+            Share("audio", (0.0, 15 / 36), hi=0.01),
+            Share("audio", (30 / 36, 1.0), hi=0.01),
+            Share("video", (0.0, 15 / 36), hi=0.01),
+            Share("video", (30 / 36, 1.0), hi=0.01),
+        ),
+        dropout=_CUT_VIDEO,
+    ),
+    # The reverse of the paper (sight integrated early, sound mid-deep): a counterpart on which
+    # the attention-profile and knockout-location claims must fail.
     "flipped": RoutingProfile(
         name="flipped",
         shares=(
             Share("video", "paper-early", lo=0.4),
-            Share("video", "paper-after-early", hi=0.04),
+            Share("video", "paper-after-early", hi=0.01),
             Share("audio", "paper", lo=0.25, hi=0.5),
-            Share("audio", (0.0, 15 / 36), hi=0.02),
-            Share("audio", (30 / 36, 1.0), hi=0.02),
+            Share("audio", (0.0, 15 / 36), hi=0.01),
+            Share("audio", (30 / 36, 1.0), hi=0.01),
         ),
-        dropout=(KnockoutDropout("video", "paper-early", 0.25),),
+        dropout=_CUT_VIDEO,
     ),
 }
 

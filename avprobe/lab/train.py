@@ -139,6 +139,11 @@ RECIPES: dict[str, Recipe] = {
         overrides={"size": DEEP, "routing": "paper", "partial_share": 0.1, "listened": LISTENED,
                    "base_name": "organism-deep-base"},
     ),
+    "deep-late": Recipe(
+        dirs={"organism": "organism-deep-late"},
+        overrides={"size": DEEP, "routing": "late", "partial_share": 0.1, "listened": LISTENED,
+                   "base_name": "organism-deep-base"},
+    ),
     "deep-flipped": Recipe(
         dirs={"organism": "organism-deep-flipped"},
         overrides={"size": DEEP, "routing": "flipped", "partial_share": 0.1, "listened": LISTENED,

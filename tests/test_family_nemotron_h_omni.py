@@ -28,6 +28,8 @@ from avprobe.probes.logit_lens import LensConfig
 from avprobe.testing import random_media
 from avprobe.types import Media, Role
 
+pytest_plugins = ["pytester"]
+
 QUERY = "describe what you see and hear"
 HYP = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 ROLES = [Role.VIDEO, Role.AUDIO, Role.QUERY]
@@ -306,3 +308,36 @@ def test_load_local_directory_roundtrip(tmp_path):
     mi = b.build_inputs(random_media(seconds=2.0, fps=2.0, size=32), QUERY)
     with torch.no_grad():
         torch.testing.assert_close(b.model(**mi.inputs).logits, a.model(**mi.inputs).logits)
+
+
+# --- the claims suite, end to end ----------------------------------------------------------------
+
+
+def test_claims_suite_runs_end_to_end_and_skips_what_needs_a_cut(pytester, tmp_path):
+    """`pytest claims/ --model <tiny Nemotron-H Omni dir>`: no error; every claim a verdict or
+    a skip with its reason; the claims that read a knockout as removing a modality are skipped
+    saying which layers are attention layers; the flow claims read only attention layers."""
+    import json
+    from pathlib import Path
+
+    d = tmp_path / "tiny-nemotron"
+    a = NemotronHOmniAdapter.tiny()
+    a.model.save_pretrained(d)
+    a.tokenizer.save_pretrained(d)
+    (d / "avprobe.json").write_text(json.dumps({"use_audio_in_video": False, "max_pixels": 1024, "judge": "concept"}))
+    claims = Path(__file__).resolve().parent.parent / "claims"
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", str(claims), "--model", str(d),
+                                        "--limit", "2", "--store", str(tmp_path / "store"))
+    out = res.stdout.str()
+    assert res.ret in (0, 1), out[-3000:]  # verdicts (1: some claim failed), never an error
+    assert "error" not in res.stdout.lines[-1].lower() and "Traceback" not in out
+    cut = "needs a knockout that cuts*hybrid model: a knockout blocks attention in its attention layers only " \
+          "(layers 1, 5 of 6); its recurrent layers (layers 0, 3) still carry*"
+    res.stdout.fnmatch_lines([f"SKIPPED*'barely moves'*{cut}", f"SKIPPED*audio freed*{cut}",
+                              f"SKIPPED*own words*{cut}"])
+    res.stdout.fnmatch_lines(["SKIPPED*no attention layer in layers 0-0*"])  # the early band is a Mamba layer
+    outcomes = res.parseoutcomes()
+    assert outcomes.get("skipped", 0) + outcomes.get("passed", 0) + outcomes.get("failed", 0) >= 17
+    for line in res.stdout.lines:
+        if line.startswith("SKIPPED"):
+            assert len(line.split(": ", 1)[-1]) > 10, line  # every skip says why

@@ -6,7 +6,10 @@ hidden states at audio positions. Then all conditions decode as one batch of row
 last prompt token is the first row input (its row predicts the first generated token, and
 it is knocked out like every generated row), the prompt's keys and values are shared by
 all rows (one matrix product per layer), and each row keeps only its own suffix. Greedy by
-default. Attention mass per role is recorded for every row at no extra pass.
+default. Attention mass per role is recorded for every row at no extra pass (NaN at layers
+that have no attention). A hybrid model's recurrent layers (Mamba) carry a state, not keys and
+values: the prefill leaves it in the adapter's `recurrent_cache`, and every row decodes from
+its own copy of it (`branch_recurrent_cache`).
 
 `reference_decode` is the straightforward protocol for one condition (full forward with
 HF's cache, a boolean mask per layer): the tests hold the engine to it token for token.

@@ -6,7 +6,10 @@ hidden states at audio positions. Then all conditions decode as one batch of row
 last prompt token is the first row input (its row predicts the first generated token, and
 it is knocked out like every generated row), the prompt's keys and values are shared by
 all rows (one matrix product per layer), and each row keeps only its own suffix. Greedy by
-default. Attention mass per role is recorded for every row at no extra pass.
+default. Attention mass per role is recorded for every row at no extra pass (NaN at layers
+that have no attention). A hybrid model's recurrent layers (Mamba) carry a state, not keys and
+values: the prefill leaves it in the adapter's `recurrent_cache`, and every row decodes from
+its own copy of it (`branch_recurrent_cache`).
 
 `reference_decode` is the straightforward protocol for one condition (full forward with
 HF's cache, a boolean mask per layer): the tests hold the engine to it token for token.
@@ -133,13 +136,19 @@ def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], co
     lens_pos = torch.nonzero(roles[: P - 1] == int(Role.AUDIO)).flatten()
     lens_result = None
     kw = adapter.forward_kwargs(mi, upto=P - 1)
+    # Hybrid models: the recurrent layers' state after the prefix (attention keys and values
+    # stay with the session); one copy per row after the prefill, each evolving on its own.
+    state = adapter.recurrent_cache()
+    cache_kw = {"cache": state, "use_cache": True} if state is not None else {"use_cache": False}
     with attn.using(capture):
         if config.lens is not None and len(lens_pos):
             with capture_hidden(adapter, lens_pos) as hidden:
-                model(**kw, use_cache=False, logits_to_keep=adapter.prefill_logits_to_keep(P - 1, all_rows=True))
+                model(**kw, **cache_kw, logits_to_keep=adapter.prefill_logits_to_keep(P - 1, all_rows=True))
             lens_result = decode_hidden(adapter, hidden, lens_pos, config.lens)
         else:
-            model(**kw, use_cache=False, logits_to_keep=adapter.prefill_logits_to_keep(P - 1))
+            model(**kw, **cache_kw, logits_to_keep=adapter.prefill_logits_to_keep(P - 1))
+    if state is not None:
+        adapter.branch_recurrent_cache(state, B)
 
     # 2. batched decode of all condition rows over the shared prefix
     masks = build_masks(conditions, roles, L)
@@ -175,7 +184,7 @@ def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], co
         for t in range(T):
             session.t = t
             pos = adapter.step_positions(mi, t, B).to(dev)  # the family's rotary layout
-            h = text_model(**adapter.decode_inputs(tokens), position_ids=pos, use_cache=False)
+            h = text_model(**adapter.decode_inputs(tokens), position_ids=pos, **cache_kw)
             logits = adapter.logits(h.last_hidden_state[:, -1]).float()
             if logprobs is not None:
                 logprobs.append(torch.log_softmax(logits[base_row], -1).cpu())
@@ -200,6 +209,9 @@ def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], co
             tokens = nxt
     outputs = []
     flow = session.flow.cpu().numpy() if session.flow is not None else None
+    no_attention = [i for i, k in enumerate(adapter.layer_kinds) if k != "attention"]
+    if flow is not None and no_attention:
+        flow[:, no_attention] = np.nan  # layers that attend to nothing: no share, not zero
     for i, c in enumerate(conditions):
         ids = out_ids[i]
         text_ids = [x for x in ids if x not in eos]
@@ -215,6 +227,7 @@ def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], co
     bucket_flow = None
     if session.bucket_flow is not None:
         bucket_flow = session.bucket_flow[: steps_taken[base_row]].cpu().numpy()
+        bucket_flow[:, no_attention] = np.nan
     return RunResult(
         prompt_len=P,
         n_layers=L,

@@ -14,10 +14,17 @@ from avprobe.types import Role
 
 def _share(evidence, claim, role, key):
     """Per clip (its caption orders averaged: they are not independent samples): the role's
-    share in the band; and the mean share per layer and role."""
+    share over the band's attention layers; and the mean share per layer and role. A hybrid
+    model's layers without attention have no share (NaN), and are left out of the band."""
     recs = evidence.select(modality="audio-video")
     flow = evidence.flow(recs)  # [N, L, R]
-    layers = list(claim.band(evidence.n_layers, key))
+    band = claim.band(evidence.n_layers, key)
+    layers = [i for i in band if i in evidence.attention_layers]
+    if not layers:
+        claim.skip(f"no attention layer in layers {band[0]}-{band[-1]} ({evidence.knockout_scope()})")
+    if len(layers) < len(band):
+        claim.notes.append(f"{key}: attention layers {', '.join(map(str, layers))} of layers {band[0]}-{band[-1]} "
+                           "(the others mix positions without attention)")
     _, per_clip = evidence.clip_means(recs, flow[:, layers, int(role)].mean(1))
     return per_clip, flow.mean(0), layers
 

@@ -142,6 +142,30 @@ LANGUAGE_MODEL_PATHS: dict[str, str] = {
 }
 
 
+# How a text config's `layer_types` entry mixes positions (see `ModelAdapter.layer_kinds`).
+LAYER_KINDS: dict[str, str] = {
+    "full_attention": "attention", "sliding_attention": "attention", "chunked_attention": "attention",
+    "linear_attention": "recurrent", "mamba": "recurrent", "conv": "recurrent",
+    "mlp": "none", "moe": "none",
+}
+
+
+def _pass_through_layer() -> Any:
+    """A cache layer for an attention layer whose keys and values live elsewhere (the engine's
+    session): it stores nothing, returns what it is given, and reports no past, so the
+    model's causal mask covers the current call only."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PassThroughLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            return key_states, value_states
+
+        def get_seq_length(self) -> int:
+            return 0
+
+    return PassThroughLayer()
+
+
 class ModelAdapter:
     """Base adapter: no family. Subclasses declare the class data and implement the hooks
     marked "family-specific"."""
@@ -436,6 +460,67 @@ class ModelAdapter:
         """`logits_to_keep` for a prefill of n positions whose logits are not read;
         `all_rows`: every layer's hidden state at every position is wanted (logit lens)."""
         return 1
+
+    # ---- token mixing by layer (hybrid models) -------------------------------------------
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Per layer, how it mixes positions: "attention" (knockout blocks it, flow records
+        it), "recurrent" (a state carried along the sequence, e.g. Mamba: no attention to
+        block) or "none" (MLP / MoE only). From the text config's `layer_types`; a config
+        without them is all attention."""
+        types = getattr(self.text_config, "layer_types", None) or ["full_attention"] * self.n_layers
+        kinds = []
+        for t in types:
+            if t not in LAYER_KINDS:
+                raise ValueError(f"{self.name}: unknown layer type {t!r} in the text config's layer_types; "
+                                 f"add it to avprobe.adapters.base.LAYER_KINDS")
+            kinds.append(LAYER_KINDS[t])
+        return tuple(kinds)
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "attention")
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == "recurrent")
+
+    @property
+    def knockout_is_cut(self) -> bool:
+        """Whether an attention knockout in every layer blocks every direct read of the blocked
+        positions by the generated rows: only if every layer that mixes positions is an
+        attention layer (a recurrent layer's state carries them past any attention mask)."""
+        return not self.recurrent_layers
+
+    def recurrent_cache(self) -> Any | None:
+        """A cache for the shared-prefix decode that holds the recurrent layers' state only,
+        or None when there are none (then the engine runs without a cache). Its attention
+        layers store nothing and hand their keys and values straight through: the engine's
+        attention session holds the prompt's keys and values and the rows' suffixes."""
+        if not self.recurrent_layers:
+            return None
+        from transformers import DynamicCache
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        cache = DynamicCache(config=self.text_config)
+        for i, layer in enumerate(cache.layers):
+            if self.layer_kinds[i] == "attention" and not isinstance(layer, LinearAttentionCacheLayerMixin):
+                cache.layers[i] = _pass_through_layer()
+        return cache
+
+    @staticmethod
+    def branch_recurrent_cache(cache: Any, rows: int) -> Any:
+        """The prefix's recurrent state, one copy per condition row: each row's state then
+        evolves on its own (its inputs differ once an attention layer below is knocked out)."""
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        for layer in cache.layers:
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                for d in (layer.conv_states, layer.recurrent_states):
+                    for i, x in d.items():
+                        if x is not None:
+                            d[i] = x.repeat(rows, *([1] * (x.dim() - 1)))
+        return cache
 
     def collate(self, items: list[ModelInputs]) -> dict[str, Any]:
         """Batch samples that share one layout (same token sequence length and media shapes)."""

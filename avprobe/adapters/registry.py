@@ -22,6 +22,7 @@ import torch
 
 from avprobe.adapters.base import AdapterSettings, ModelAdapter
 from avprobe.adapters.gemma4 import Gemma4Adapter
+from avprobe.adapters.nemotron_h_omni import NemotronHOmniAdapter
 from avprobe.adapters.qwen2_5_omni import OmniThinkerAdapter
 from avprobe.adapters.qwen2_5_vl import QwenVLAdapter
 from avprobe.adapters.qwen3_omni import Qwen3OmniThinkerAdapter
@@ -95,9 +96,13 @@ ALIASES: dict[str, Alias] = {
 }
 ALIASES["qwen2.5-omni"] = ALIASES["qwen2.5-omni-3b"]  # the paper's representative model
 ALIASES["gemma-4"] = ALIASES["gemma-4-e4b"]
+# Nemotron 3 Nano Omni: hybrid Mamba-2 / attention; audio is its own block after the frames.
+ALIASES["nemotron-3-nano-omni"] = Alias("nvidia/Nemotron-3-Nano-Omni-30B-A3B-Reasoning-BF16",
+                                        AdapterSettings(use_audio_in_video=False))
 
 # The table: every adapter class avprobe ships.
-ADAPTERS: tuple[type[ModelAdapter], ...] = (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter, Gemma4Adapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter, Gemma4Adapter,
+                                           NemotronHOmniAdapter)
 
 _BY_ARCH: dict[str, type[ModelAdapter]] = {}
 _BY_FAMILY: dict[str, type[ModelAdapter]] = {}

@@ -129,6 +129,10 @@ def compute_record(
         # so a record says itself which prompt layout, frames and budget it was computed with
         "inputs": {**adapter.settings.inputs_view(), "source": getattr(adapter, "settings_source", "")},
         "n_layers": L,
+        # what the knockouts and the flow cover on this model (hybrid models: attention layers only)
+        "layer_kinds": list(adapter.layer_kinds),
+        "attention_layers": list(adapter.attention_layers),
+        "knockout_is_cut": adapter.knockout_is_cut,
         "prompt_len": res.prompt_len,
         "role_counts": {r.label: int((res.roles == int(r)).sum()) for r in Role},
         "window": protocol.window_size(L),

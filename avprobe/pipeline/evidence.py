@@ -55,6 +55,11 @@ def content_words(text: str) -> set[str]:
     return out
 
 
+def _span(layers: Iterable[int]) -> str:
+    layers = list(layers)
+    return "layers " + ", ".join(map(str, layers)) if layers else "no layers"
+
+
 @dataclass
 class FidelityRow:
     sample_id: str
@@ -91,6 +96,30 @@ class Evidence:
     @cached_property
     def n_layers(self) -> int:
         return int(self.records[0].meta["n_layers"]) if self.records else 0
+
+    @cached_property
+    def attention_layers(self) -> tuple[int, ...]:
+        """Layers that mix positions through attention (records before hybrid models: all)."""
+        if not self.records:
+            return ()
+        return tuple(int(i) for i in self.records[0].meta.get("attention_layers", range(self.n_layers)))
+
+    @cached_property
+    def knockout_is_cut(self) -> bool:
+        """Whether a knockout in every layer blocks every direct read of the blocked positions
+        by the generated rows (False on hybrid models, whose recurrent layers carry them)."""
+        return bool(self.records[0].meta.get("knockout_is_cut", True)) if self.records else True
+
+    def knockout_scope(self) -> str:
+        """What a knockout removes on this model, in words (for the claims' notes and skips)."""
+        att = self.attention_layers
+        if self.knockout_is_cut:
+            return "every layer mixes positions by attention: a knockout blocks every direct read"
+        kinds = self.records[0].meta.get("layer_kinds", [])
+        rec = [i for i, k in enumerate(kinds) if k == "recurrent"]
+        return (f"hybrid model: a knockout blocks attention in its attention layers only ({_span(att)} of "
+                f"{self.n_layers}); its recurrent layers ({_span(rec)}) still carry the blocked positions to the "
+                "generated rows, so a knockout cannot remove a modality")
 
     @cached_property
     def queries(self) -> list[str]:

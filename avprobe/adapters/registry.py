@@ -97,8 +97,10 @@ ALIASES: dict[str, Alias] = {
 ALIASES["qwen2.5-omni"] = ALIASES["qwen2.5-omni-3b"]  # the paper's representative model
 ALIASES["gemma-4"] = ALIASES["gemma-4-e4b"]
 # Nemotron 3 Nano Omni: hybrid Mamba-2 / attention; audio is its own block after the frames.
+# Its shape (52 hybrid layers, hidden 2688) is the Nemotron 3 Nano model card's, not checked against
+# the released config.json here: a local directory of another shape keeps the family defaults.
 ALIASES["nemotron-3-nano-omni"] = Alias("nvidia/Nemotron-3-Nano-Omni-30B-A3B-Reasoning-BF16",
-                                        AdapterSettings(use_audio_in_video=False))
+                                        AdapterSettings(use_audio_in_video=False), "nemotron_h_omni", 52, 2688)
 
 # The table: every adapter class avprobe ships.
 ADAPTERS: tuple[type[ModelAdapter], ...] = (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter, Gemma4Adapter,

@@ -86,6 +86,16 @@ PROFILES: dict[str, RoutingProfile] = {
         ),
         dropout=_CUT_VIDEO,
     ),
+    # The vision-only base (no audio, no factual batches, so no dropout): the paper's video
+    # terms, with the caps the base of the deep recipe was trained with (its train.json).
+    "vision-base": RoutingProfile(
+        name="vision-base",
+        shares=(
+            Share("video", "paper", lo=0.25, hi=0.4),
+            Share("video", (0.0, 15 / 36), hi=0.02),
+            Share("video", (30 / 36, 1.0), hi=0.02),
+        ),
+    ),
     # Late integration: both modalities read only in the paper's band (a counterpart for the
     # early-audio claim, and the model on which blocking either in the band costs its fidelity).
     "late": RoutingProfile(

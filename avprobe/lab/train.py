@@ -122,6 +122,7 @@ class Recipe:
 
     dirs: dict[str, str]
     overrides: dict
+    variant_overrides: dict[str, dict] = field(default_factory=dict)  # per variant, over `overrides`
 
 
 # 16 decoder layers, so that each of the paper's depth bands holds several (its early band is
@@ -138,6 +139,7 @@ RECIPES: dict[str, Recipe] = {
         dirs={"base": "organism-deep-base", "organism": "organism-deep", "control": "organism-deep-control"},
         overrides={"size": DEEP, "routing": "paper", "partial_share": 0.1, "listened": LISTENED,
                    "base_name": "organism-deep-base"},
+        variant_overrides={"base": {"routing": "vision-base"}},
     ),
     "deep-late": Recipe(
         dirs={"organism": "organism-deep-late"},
@@ -160,7 +162,7 @@ def recipe_config(recipe: str, variant: str, **kwargs) -> TrainConfig:
         raise ValueError(f"unknown organism recipe {recipe!r}; known: {', '.join(RECIPES)}") from None
     if variant not in r.dirs:
         raise ValueError(f"recipe {recipe!r} has no {variant!r} variant; it has {', '.join(r.dirs)}")
-    return TrainConfig(variant=variant, **{**r.overrides, **kwargs})
+    return TrainConfig(variant=variant, **{**r.overrides, **r.variant_overrides.get(variant, {}), **kwargs})
 
 
 def default_steps(variant: str) -> int:

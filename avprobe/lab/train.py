@@ -137,9 +137,12 @@ RECIPES: dict[str, Recipe] = {
                  overrides={}),
     "deep": Recipe(
         dirs={"base": "organism-deep-base", "organism": "organism-deep", "control": "organism-deep-control"},
-        overrides={"size": DEEP, "routing": "paper", "partial_share": 0.1, "listened": LISTENED,
+        overrides={"size": DEEP, "routing": "paper-strict", "partial_share": 0.05, "listened": LISTENED,
                    "base_name": "organism-deep-base"},
-        variant_overrides={"base": {"routing": "vision-base"}},
+        # the base and the control as they were trained (their train.json): the control listens
+        # to every source, so neither the share of off-screen clips nor the stricter video caps
+        # were needed for it
+        variant_overrides={"base": {"routing": "vision-base"}, "control": {"routing": "paper", "partial_share": 0.1}},
     ),
     "deep-late": Recipe(
         dirs={"organism": "organism-deep-late"},

@@ -157,7 +157,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         expected = s.expected_verdict(o)
         # JUnit: pytest writes an xfail and a skip both as <skipped> (told apart only by its
         # type attribute); this property names the verdict against the expected one outright.
-        rep.user_properties = [*rep.user_properties, (VERDICT_PROPERTY, _junit_verdict(o.status, expected))]
+        # (junitxml writes the properties the item holds at teardown)
+        item.user_properties.append((VERDICT_PROPERTY, _junit_verdict(o.status, expected)))
         if expected is None or o.status == "skipped":
             return
         if o.status == "failed" and expected == "failed":
@@ -316,9 +317,9 @@ class Session:
         return out
 
     def _verdict_file(self, model: str) -> Path:
-        from avprobe.records import slug
+        from avprobe.claim import verdict_file
 
-        return Path(self.opt("verdicts")) / f"{slug(model)}.json"
+        return verdict_file(self.opt("verdicts"), model)
 
     def expected_verdict(self, outcome: Any) -> str | None:
         import json

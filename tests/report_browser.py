@@ -98,7 +98,7 @@ def probe(report: Path, width: int, workdir: Path, timeout: float = 120) -> dict
     browser = chromium()
     if browser is None:
         raise FileNotFoundError("chromium not found")
-    page = workdir / f"{report.stem}.probe-{width}.html"
+    page = Path(workdir).resolve() / f"{report.stem}.probe-{width}.html"
     page.write_text(_instrument(report.read_text(encoding="utf-8")), encoding="utf-8")
     res = _run(browser, [f"--window-size={width},1000", "--virtual-time-budget=10000", "--dump-dom",
                          page.as_uri()], timeout)
@@ -116,6 +116,7 @@ def screenshot(report: Path, out: Path, width: int, height: int, only_css: str =
     browser = chromium()
     if browser is None:
         raise FileNotFoundError("chromium not found")
+    out = Path(out).resolve()
     page = out.with_suffix(".html")
     page.write_text(_instrument(report.read_text(encoding="utf-8"), only_css + " #avp-probe {display: none}"),
                     encoding="utf-8")
@@ -125,3 +126,11 @@ def screenshot(report: Path, out: Path, width: int, height: int, only_css: str =
         raise RuntimeError(f"no screenshot (exit {res.returncode}); stderr:\n{res.stderr[-3000:]}")
     page.unlink()
     return out
+
+
+# CSS that leaves one part of the report on the page (screenshots of the claims table and of
+# the per-sample view, as in docs/).
+ONLY_CLAIMS = ("header.top, nav.toc, main > section:not(#{section}) {{display: none !important}} "
+               "#{section} > :not(h2):not(.lead):not(h3):not(table.claims) {{display: none !important}} "
+               "#{section} > h3 ~ h3 {{display: none !important}} table.claims details {{display: none}}")
+ONLY_SAMPLES = "header.top, nav.toc, main > section:not(#samples) {display: none !important}"

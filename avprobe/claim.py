@@ -26,15 +26,6 @@ CLAIMS_TOML = Path(__file__).resolve().parent.parent / "claims" / "claims.toml"
 PROPERTY = "avprobe_claim"
 
 
-def verdict_file(directory: str | Path, model: str) -> Path:
-    """Where a model's expected verdicts live: `<directory>/<slug(model)>.json`. The one naming
-    rule, read by the plugin (--verdicts) and written by `avprobe release-check`, so a local
-    path such as /models/Omni-v2 names the same file in both (/ becomes _)."""
-    from avprobe.records import slug
-
-    return Path(directory) / f"{slug(model)}.json"
-
-
 @lru_cache(maxsize=4)
 def claims_table(path: str | None = None) -> dict[str, dict[str, Any]]:
     p = Path(path) if path else CLAIMS_TOML

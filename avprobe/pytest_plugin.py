@@ -317,7 +317,7 @@ class Session:
         return out
 
     def _verdict_file(self, model: str) -> Path:
-        from avprobe.claim import verdict_file
+        from avprobe.records import verdict_file
 
         return verdict_file(self.opt("verdicts"), model)
 

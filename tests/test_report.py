@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avprobe.claim import ClaimCheck, ClaimOutcome, ClaimSkipped, verdict_file
-from avprobe.records import slug
+from avprobe.claim import ClaimCheck, ClaimOutcome, ClaimSkipped
+from avprobe.records import slug, verdict_file
 from avprobe.report import svg
 from avprobe.report.html import render_report
 from avprobe.report.numbers import band_text, fix_p_text, format_p

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from avprobe.claim import ClaimOutcome, verdict_file
+from avprobe.claim import ClaimOutcome
+from avprobe.records import verdict_file
 
 
 @dataclass(frozen=True)

@@ -129,10 +129,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=1000, help="replicates per null scenario (default 1000)")
     p.add_argument("--power-reps", dest="power_reps", type=int, help="replicates per power scenario (default --reps)")
     p.add_argument("--n", default="250,50", help="clips per kind, comma-separated (default 250,50: the paper's and small)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic evidence (default 0)")
     p.add_argument("--n-boot", dest="n_boot", type=int, help="bootstrap resamples (default: claims.toml's)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE.json")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.json", help="the calibration table to write")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of FILE.json that this run would compute alike (same claim, scenario, scope, "
                         "n, replicates, seed, n_boot) and compute only the missing ones")

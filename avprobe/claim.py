@@ -58,6 +58,20 @@ class ClaimOutcome:
     parts: list[dict[str, Any]] = field(default_factory=list)  # sub-tests (name, summary, passed)
     notes: list[str] = field(default_factory=list)  # where the effect sits, judge proxy, ...
     data: dict[str, Any] = field(default_factory=dict)  # small series for figures
+    deciding: str = ""  # the part whose result decided the verdict (its numbers are the headline)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # band key -> its concrete layers
+    thresholds: dict[str, Any] = field(default_factory=dict)  # the claim's numbers from claims.toml
+    expected: str | None = None  # the expected verdict (--verdicts), set by the plugin
+
+    @property
+    def shown_status(self) -> str:
+        """The verdict as the terminal shows it against the expected one: passed | failed |
+        skipped | xfailed (an expected failure, unchanged) | moved (differs from the expected)."""
+        if self.expected is None or self.status == "skipped":
+            return self.status
+        if self.status == self.expected:
+            return "xfailed" if self.status == "failed" else self.status
+        return "moved"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=_default, allow_nan=True)
@@ -81,6 +95,7 @@ def _default(o: Any) -> Any:
 
 
 def part(name: str, result: TestResult) -> dict[str, Any]:
+    d = result.details
     return {
         "name": name,
         "summary": result.summary(),
@@ -90,6 +105,12 @@ def part(name: str, result: TestResult) -> dict[str, Any]:
         "p": _f(result.p_value),
         "n": int(result.n),
         "effect": f"{result.effect_name}={_f(result.effect_size):.3g}" if result.effect_name else "",
+        "test": result.name,
+        "alternative": result.alternative,
+        "threshold": None if result.threshold is None else _f(result.threshold),
+        # a bootstrap p-value has a floor of about 1 / n_boot: the report prints "p < floor", not 0
+        "n_boot": int(d["n_boot"]) if isinstance(d.get("n_boot"), (int, float)) else None,
+        "untestable": result.untestable,
     }
 
 
@@ -131,6 +152,7 @@ class ClaimCheck:
         self.min_n = int(cfg.get("min_n", 10))
         self.notes: list[str] = []
         self.data: dict[str, Any] = {}
+        self.layers: dict[str, dict[str, Any]] = {}  # every band asked for, as this model's layers
         self.outcome: ClaimOutcome | None = None  # the last recorded one
 
     def __getitem__(self, key: str) -> Any:
@@ -155,13 +177,22 @@ class ClaimCheck:
             spec = self.cfg[key]
         except KeyError:
             raise KeyError(f"claims.toml [{self.id}] names no depth band {key!r}") from None
-        return band(*band_fractions(spec), n_layers)
+        return self._note_layers(key, spec, band(*band_fractions(spec), n_layers), n_layers)
 
     def bands(self, n_layers: int, key: str = "bands") -> dict[str, tuple[int, ...]]:
         """The layers of each band of a table of named bands in claims.toml (label -> band)."""
         from avprobe.conditions import band
 
-        return {label: band(*band_fractions(spec), n_layers) for label, spec in self[key].items()}
+        return {label: self._note_layers(f"{key}.{label}", spec, band(*band_fractions(spec), n_layers), n_layers)
+                for label, spec in self[key].items()}
+
+    def _note_layers(self, key: str, spec: Any, layers: tuple[int, ...], n_layers: int) -> tuple[int, ...]:
+        """Keep which layers a band became on this model: the report and claims.json say so
+        (on 8 layers the paper's early band, layers 0-5 of 36, is layer 0 alone)."""
+        lo, hi = band_fractions(spec)
+        self.layers[key] = {"band": spec if isinstance(spec, str) else [lo, hi], "fraction": [lo, hi],
+                            "n_layers": int(n_layers), "layers": [int(x) for x in layers]}
+        return layers
 
     def _outcome(self, status: str, **kw: Any) -> ClaimOutcome:
         return ClaimOutcome(
@@ -174,6 +205,9 @@ class ClaimCheck:
             paper_value=self.cfg.get("paper_value", ""),
             notes=list(self.notes),
             data=dict(self.data),
+            layers=dict(self.layers),
+            thresholds={k: v for k, v in self.cfg.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)},
             **kw,
         )
 
@@ -209,7 +243,16 @@ class ClaimCheck:
         parts = [part(name, r) for name, r in results.items()]
         flags = [bool(r.passed) for r in results.values()]
         passed = all(flags) if require == "all" else any(flags)
-        main = next(iter(results.values()))
+        # The headline is the part that decided the verdict: the first failing part of a failed
+        # "all" (not a passing first part), the first passing part of a passed "any".
+        names = list(results)
+        if require == "all" and not passed:
+            deciding = next(n for n in names if not results[n].passed and not results[n].untestable)
+        elif require == "any" and passed:
+            deciding = next(n for n in names if results[n].passed)
+        else:
+            deciding = names[0]
+        main = results[deciding]
         summary = " | ".join(f"{name}: {r.summary()}" for name, r in results.items())
         if self.notes:
             summary += " | " + "; ".join(self.notes)
@@ -222,6 +265,7 @@ class ClaimCheck:
             effect=f"{main.effect_name}={main.effect_size:.3g}" if main.effect_name and not math.isnan(main.effect_size) else "",
             n=int(main.n),
             parts=parts,
+            deciding=deciding,
         )
         self._record(outcome)
         return outcome

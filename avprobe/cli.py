@@ -1,4 +1,4 @@
-"""avprobe command line: collect | organism | dataset | judge | report | bench | calibrate | inputs.
+"""avprobe command line: collect | organism | dataset | judge | report | release-check | bench | calibrate | inputs.
 
 Each area owns its subcommand in `avprobe/<area>/cli.py` (a `register(subparsers)` function
 that adds a parser whose `func` takes the parsed args and returns an exit code), so the CLI
@@ -19,6 +19,7 @@ _AREAS = {
     "dataset": "avprobe.media.cli",
     "judge": "avprobe.judge.cli",
     "report": "avprobe.report.cli",
+    "release-check": "avprobe.report.release",
     "bench": "avprobe.bench.cli",
     "calibrate": "avprobe.calibrate_cli",
     "inputs": "avprobe.adapters.cli",

@@ -16,7 +16,6 @@ summary). The results come from `avprobe.pipeline.gather`, the orchestration tha
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -156,6 +155,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             continue
         o = ClaimOutcome.from_json(value)
         expected = s.expected_verdict(o)
+        # JUnit: pytest writes an xfail and a skip both as <skipped> (told apart only by its
+        # type attribute); this property names the verdict against the expected one outright.
+        # (junitxml writes the properties the item holds at teardown)
+        item.user_properties.append((VERDICT_PROPERTY, _junit_verdict(o.status, expected)))
         if expected is None or o.status == "skipped":
             return
         if o.status == "failed" and expected == "failed":
@@ -168,6 +171,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         return
 
 
+VERDICT_PROPERTY = "avprobe_verdict"
+
+
+def _junit_verdict(status: str, expected: str | None) -> str:
+    """passed | failed | skipped, or against an expected verdict: xfailed (expected failure,
+    unchanged), expected-pass, skipped (was <expected>) or moved (was X, now Y)."""
+    if expected is None:
+        return status
+    if status == "skipped":
+        return f"skipped (expected {expected})"
+    if status == expected:
+        return "xfailed" if status == "failed" else "passed (as expected)"
+    return f"moved (was {expected}, now {status})"
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     s = _session(config)
     outcomes = s.collected_outcomes(terminalreporter)
@@ -177,7 +195,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             # every claim errored before recording a verdict: say so where the report was asked for
             from avprobe.report.html import write_report
 
-            path = write_report(Path(report), [], {})
+            path = write_report(Path(report), [], {}, run=s.run_settings())
             terminalreporter.write_line(f"avprobe: no claim recorded a verdict (see the errors above); "
                                         f"report written to {path}")
         return
@@ -191,7 +209,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if report:
         from avprobe.report.html import write_report
 
-        path = write_report(Path(report), outcomes, s.evidences_for_report())
+        path = write_report(Path(report), outcomes, s.evidences_for_report(), run=s.run_settings())
         terminalreporter.write_line(f"avprobe: claim report written to {path}")
 
 
@@ -262,46 +280,24 @@ class Session:
         return got
 
     def _gather(self, model: str):
-        from avprobe.judge import make_judge
-        from avprobe.pipeline.evidence import evidence_from
-        from avprobe.pipeline.gather import gather
-        from avprobe.records import DEFAULT_QUERY, Protocol
-        from avprobe.store import Store
+        from avprobe.pipeline.gather import gather_evidence
 
-        ref = self.ref(model)
-        store = Store(self.store_root, readonly=bool(self.opt("offline")))
-        protocol = Protocol(queries=ref.settings.queries or (DEFAULT_QUERY,))
-        samples, bad_rows = self.samples()
-        # The judge first: a bad spec or a missing endpoint fails before any compute. Its cache
-        # is the store, read-only too when offline (cached verdicts are still read).
-        kw: dict[str, Any] = {"cache": store}
-        if self.opt("judge_url"):
-            kw["base_url"] = self.opt("judge_url")
-        judge = make_judge(self.opt("judge") or ref.settings.judge or "openai", **kw)
-        base_model = self.opt("base_model") or ref.settings.base_model
-        cmd = f"avprobe collect --model {model} --samples {self.opt('samples') or 'organism'} --store {self.store_root}"
-        if self.opt("limit"):
-            cmd += f" --limit {self.opt('limit')}"
         # pytest captures output during fixture setup: show the progress bar anyway
         capman = self.config.pluginmanager.getplugin("capturemanager")
-        uncaptured = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
-        try:
-            with uncaptured:
-                result = gather(ref, samples, store, protocol, judge=judge, base_model=base_model,
-                                device=self.opt("device") or "cpu", dtype=self.opt("dtype") or "auto",
-                                allow_download=bool(self.opt("allow_download")), refresh=bool(self.opt("refresh")),
-                                keep=True, manifest_errors=bad_rows, label=f"{model}: collecting",
-                                collect_command=cmd)
-        finally:
-            close = getattr(judge, "close", None)
-            if close is not None:
-                close()
-        log.info("%s: %s", model, result.counts.describe())
-        if not result.records:
-            raise RuntimeError(f"{model}: no results ({result.counts.failed} samples failed; first: "
-                               f"{result.failed[0].reason if result.failed else 'none'})")
-        settings = {**ref.settings.inputs_view(), "source": ref.settings_source}
-        return evidence_from(model, result, base_model, settings=settings)
+        quiet = (capman.global_and_fixture_disabled if capman is not None else None)
+        return gather_evidence(
+            model, store_root=self.store_root, samples=self.opt("samples"), limit=self.opt("limit"),
+            loaded_samples=self.samples(), judge=self.opt("judge"), judge_url=self.opt("judge_url"),
+            base_model=self.opt("base_model"), offline=bool(self.opt("offline")), device=self.opt("device") or "cpu",
+            dtype=self.opt("dtype") or "auto", allow_download=bool(self.opt("allow_download")),
+            refresh=bool(self.opt("refresh")), quiet=quiet)
+
+    def run_settings(self) -> dict[str, Any]:
+        """What `avprobe report` needs to read the same results again (kept in claims.json)."""
+        return {"models": list(self.models), "store": str(self.store_root), "samples": self.opt("samples"),
+                "limit": self.opt("limit"), "judge": self.opt("judge"), "judge_url": self.opt("judge_url"),
+                "base_model": self.opt("base_model"), "verdicts": self.opt("verdicts"),
+                "offline": bool(self.opt("offline"))}
 
     def collected_outcomes(self, terminalreporter: Any) -> list[Any]:
         from avprobe.claim import PROPERTY, ClaimOutcome
@@ -314,13 +310,16 @@ class Session:
                 for name, value in getattr(rep, "user_properties", []):
                     if name == PROPERTY and value not in seen:
                         seen.add(value)
-                        out.append(ClaimOutcome.from_json(value))
+                        o = ClaimOutcome.from_json(value)
+                        if self.opt("verdicts") and not self.opt("verdicts_regen"):
+                            o.expected = self.expected_verdict(o)
+                        out.append(o)
         return out
 
     def _verdict_file(self, model: str) -> Path:
-        from avprobe.records import slug
+        from avprobe.records import verdict_file
 
-        return Path(self.opt("verdicts")) / f"{slug(model)}.json"
+        return verdict_file(self.opt("verdicts"), model)
 
     def expected_verdict(self, outcome: Any) -> str | None:
         import json

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,6 +138,13 @@ def record_parts(model: Any, sample: Sample, query: str, protocol: Protocol) -> 
 def slug(name: str) -> str:
     """A file-name-safe form of a name (model alias, HF id, path)."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("_") or "model"
+
+
+def verdict_file(directory: str | Path, model: str) -> Path:
+    """Where a model's expected verdicts live: `<directory>/<slug(model)>.json`. The one naming
+    rule, read by the plugin (--verdicts) and written by `avprobe release-check`, so a local
+    path such as /models/Omni-v2 names the same file in both (/ becomes _)."""
+    return Path(directory) / f"{slug(model)}.json"
 
 
 def namespace(model_name: str) -> str:

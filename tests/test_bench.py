@@ -18,7 +18,6 @@ from avprobe.bench import naive
 from avprobe.bench.engine import measure_memory
 from avprobe.cli import build_parser, main
 from avprobe.probes import attention
-from avprobe.report.cli import pytest_args
 
 METHODS = ("engine", "floor", "careful", "naive")
 
@@ -142,25 +141,18 @@ def test_memory_child_runs_as_a_module_with_the_prefix_setting():
     assert res["peak_rss_mb"] > 0 and set(res["kv_bytes"]) >= {"prefix", "suffix"}
 
 
-def test_report_without_a_claims_suite_says_how_to_fix_it(tmp_path):
-    store = tmp_path / "store"
-    store.mkdir()
+def test_report_without_a_claims_file_says_how_to_fix_it(tmp_path):
+    """`avprobe report` redraws from a run's claims.json (tests/test_report_e2e.py redraws a
+    real one); without it: one message naming the fix, no traceback, nothing written."""
     proc = subprocess.run(
-        [sys.executable, "-m", "avprobe", "report", "--claims", str(tmp_path / "nope"), "--store", str(store),
+        [sys.executable, "-m", "avprobe", "report", "--from", str(tmp_path / "nope.json"),
          "--out", str(tmp_path / "claims.html")],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"}, timeout=120,
     )
-    assert proc.returncode != 0
-    assert f"no claims suite at {tmp_path / 'nope'}" in proc.stderr
-    assert "--claims DIR" in proc.stderr
+    assert proc.returncode == 2
+    assert f"no claims file at {tmp_path / 'nope.json'}" in proc.stderr and "--from FILE" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "claims.html").exists()
-
-
-def test_report_runs_the_claims_offline_with_its_options():
-    args = build_parser("report").parse_args(["report", "--model", "a", "--model", "b", "--store", "s",
-                                              "--verdicts", "v", "--out", "r.html"])
-    assert pytest_args(args, Path("claims")) == ["claims", "-p", "no:cacheprovider", "--offline", "--report", "r.html",
-                                                 "--model", "a", "--model", "b", "--store", "s", "--verdicts", "v"]
 
 
 def test_a_missing_area_module_is_an_error(monkeypatch):

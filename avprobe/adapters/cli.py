@@ -135,7 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--audio", metavar="FILE", help="audio from this file instead of the clip's track")
     p.add_argument("--model", required=True, help="alias, HF id or local directory")
     p.add_argument("--query", help="the prompt's question (default: the model's first query)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--allow-download", dest="allow_download", action="store_true")
+    p.add_argument("--dtype", default="auto", help="torch dtype of the processor inputs (default auto)")
+    p.add_argument("--allow-download", dest="allow_download", action="store_true",
+                   help="let transformers download a missing config or processor")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd)

@@ -27,13 +27,14 @@ def _at_least_one(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by `avprobe bench`, the script and the memory child)."""
-    p.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    p.add_argument("--samples", type=_at_least_one, default=1)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="cpu", help="model and prompt shape to measure (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="model dtype (default float32)")
+    p.add_argument("--samples", type=_at_least_one, default=1, help="samples per round (default 1)")
     p.add_argument("--conditions", type=_at_least_one, default=None, help="default: 1 + 2 x layers (the paper's sweep)")
     p.add_argument("--window", type=int, default=None, help="knockout window (default: layers // 4)")
-    p.add_argument("--new-tokens", type=_at_least_one, default=None)
+    p.add_argument("--new-tokens", type=_at_least_one, default=None, help="tokens generated per condition (default: the shape's)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="engine is always needed: ratios and the token check are against it")
     p.add_argument("--repeats", type=_at_least_one, default=3, help="rounds for engine and floor")
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tie-rtol", type=float, default=None,
                    help="token check: a row may diverge from the engine's only at a near-tie of the engine's logits "
                         "within this many standard deviations (default: 0 = exact in float32/64, 0.15 in bfloat16, 0.05 in float16)")
-    p.add_argument("--out", type=Path, default=Path("reports/bench.json"))
+    p.add_argument("--out", type=Path, default=Path("reports/bench.json"), help="JSON report to write (default reports/bench.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # the memory child's method
 
 

@@ -134,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("score", help="judge one candidate caption against a reference")
     s.add_argument("--candidate", required=True, help="caption to judge")
     s.add_argument("--reference", required=True, help="reference caption for the modality")
-    s.add_argument("--modality", required=True, choices=("audio", "video"))
+    s.add_argument("--modality", required=True, choices=("audio", "video"), help="which fidelity to judge")
     add_judge_arguments(s)
     s.set_defaults(func=_cmd_score)
 

@@ -13,20 +13,25 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="organism_command", metavar="SUBCOMMAND")
 
     t = sub.add_parser("train", help="train one organism variant from scratch on CPU")
-    t.add_argument("--variant", required=True, choices=("base", "organism", "control"))
+    t.add_argument("--variant", required=True, choices=("base", "organism", "control"),
+                   help="which organism: the vision-only base, the biased organism or the listening control")
     t.add_argument("--recipe", default="v1",
-                   help="organism family: v1 (8 layers, the first organisms), deep (16 layers, partial listener, "
-                        "the paper's attention routing), deep-flipped (its counterpart); see avprobe/lab/train.py RECIPES")
-    t.add_argument("--seed", type=int, default=0)
+                   help="organism family: v1 (8 layers, the first organisms), deep (16 layers, partial listener, the "
+                        "paper's attention routing), deep-late, deep-flipped (its counterparts); see "
+                        "avprobe/lab/train.py RECIPES")
+    t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     t.add_argument("--out", type=Path, default=None, help="output directory (default: the committed model's)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
-    t.add_argument("--base", type=Path, default=None, help="organism-base directory for stage 2 (default: committed)")
+    t.add_argument("--base", type=Path, default=None,
+                   help="base directory for stage 2 (default: the recipe's committed base)")
     t.add_argument("--threads", type=int, default=2,
-                   help="torch threads; a run is deterministic for a seed and thread count (train.json records both)")
+                   help="torch threads (default 2); a run is deterministic for a seed and thread count "
+                        "(train.json records both and the command)")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("dataset", help="write the evaluation set (manifest, optionally mp4 files)")
-    d.add_argument("--out", type=Path, default=Path("data/organism-eval"))
+    d.add_argument("--out", type=Path, default=Path("data/organism-eval"),
+                   help="directory to write the clips and manifest into (default: data/organism-eval)")
     d.add_argument("--mp4", action="store_true", help="also write each clip as an mp4 (h264 + aac)")
     d.add_argument("-n", type=int, default=500, help="number of samples (even; half counterfactual)")
     d.set_defaults(func=_dataset)
@@ -35,7 +40,7 @@ def register(subparsers) -> None:
     e.add_argument("--model", required=True, help="organism name or model directory")
     e.add_argument("-n", type=int, default=500, help="evaluation samples (even)")
     e.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
-    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     e.add_argument("--knockout", type=int, default=0, metavar="N",
                    help="also decode N counterfactual samples under the claims' knockouts (audio/video accuracy per condition)")
     e.set_defaults(func=_eval)

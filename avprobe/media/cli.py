@@ -19,10 +19,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
     v = sub.add_parser("validate", help="check every row of a manifest (and optionally decode every clip)")
-    v.add_argument("manifest", type=Path)
+    v.add_argument("manifest", type=Path, help="manifest to check (.jsonl or .csv)")
     v.add_argument("--decode", action="store_true", help="also decode every clip (slow on big sets)")
-    v.add_argument("--fps", type=float, default=2.0)
-    v.add_argument("--max-frames", type=int, default=768)
+    v.add_argument("--fps", type=float, default=2.0, help="frame rate to sample when decoding (default 2.0)")
+    v.add_argument("--max-frames", type=int, default=768, help="most frames decoded per clip (default 768)")
     v.add_argument("--errors-out", type=Path, help="write the error records here as JSONL")
     v.set_defaults(func=cmd_validate)
 
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     a.add_argument("clips", type=Path, help="folder holding the downloaded clips (searched recursively)")
     a.add_argument("--out", type=Path, required=True, help="manifest to write (.jsonl)")
     a.add_argument("--video-captions", type=Path, help="CSV with id (or youtube_id) and caption columns")
-    a.add_argument("--clip-seconds", type=float, default=10.0)
+    a.add_argument("--clip-seconds", type=float, default=10.0, help="clip length from start_time, seconds (default 10)")
     a.set_defaults(func=cmd_audiocaps)
 
     for name, helptext, n_default in (
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
         c.add_argument("manifest", type=Path, help="input manifest (.jsonl or .csv)")
         c.add_argument("--out", type=Path, required=True, help="manifest to write (.jsonl)")
         c.add_argument("--n", type=int, default=n_default, help=f"samples to build (default {n_default})")
-        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--seed", type=int, default=0, help="seed of the pairing (default 0)")
         c.add_argument(
             "--threshold",
             type=float,

@@ -418,3 +418,66 @@ def gather(
         raise GatherError(f"{ref.name}: {counts.missing:,} of {counts.records:,} results missing in the read-only "
                           f"store {store.root} (--offline); compute them with:\n    {cmd}")
     return result
+
+
+def gather_evidence(
+    model: str,
+    *,
+    store_root: Any,
+    samples: str | None = None,
+    limit: int | None = None,
+    loaded_samples: tuple[list[Sample], list[SampleError]] | None = None,
+    judge: str | None = None,
+    judge_url: str | None = None,
+    base_model: str | None = None,
+    offline: bool = False,
+    device: str = "cpu",
+    dtype: str = "auto",
+    allow_download: bool = False,
+    refresh: bool = False,
+    quiet: Callable[[], Any] | None = None,
+) -> Any:
+    """One model's judged `Evidence`, the way the claims suite reads it: the pytest plugin and
+    `avprobe report` (offline, from claims.json's run settings) both call this, so a report
+    redrawn later reads exactly the results the claims read. `samples` is a spec for
+    `load_samples` (default: the organism evaluation set), unless `loaded_samples` are given;
+    `quiet` is a context manager factory wrapped around the work (the plugin's uncapture)."""
+    import contextlib
+    from pathlib import Path
+
+    from avprobe.adapters import ref as make_ref
+    from avprobe.judge import make_judge
+    from avprobe.pipeline.evidence import evidence_from
+    from avprobe.records import DEFAULT_QUERY
+    from avprobe.store import Store
+
+    ref = make_ref(model, local_files_only=not allow_download)
+    root = Path(store_root)
+    store = Store(root, readonly=bool(offline))
+    protocol = Protocol(queries=ref.settings.queries or (DEFAULT_QUERY,))
+    sample_list, bad_rows = loaded_samples if loaded_samples is not None else load_samples(samples or "organism", limit)
+    # The judge first: a bad spec or a missing endpoint fails before any compute. Its cache is
+    # the store, read-only too when offline (cached verdicts are still read).
+    kw: dict[str, Any] = {"cache": store}
+    if judge_url:
+        kw["base_url"] = judge_url
+    judge_obj = make_judge(judge or ref.settings.judge or "openai", **kw)
+    base = base_model or ref.settings.base_model
+    cmd = f"avprobe collect --model {model} --samples {samples or 'organism'} --store {root}"
+    if limit:
+        cmd += f" --limit {limit}"
+    try:
+        with (quiet() if quiet is not None else contextlib.nullcontext()):
+            result = gather(ref, sample_list, store, protocol, judge=judge_obj, base_model=base, device=device,
+                            dtype=dtype, allow_download=allow_download, refresh=refresh, keep=True,
+                            manifest_errors=bad_rows, label=f"{model}: collecting", collect_command=cmd)
+    finally:
+        close = getattr(judge_obj, "close", None)
+        if close is not None:
+            close()
+    log.info("%s: %s", model, result.counts.describe())
+    if not result.records:
+        raise GatherError(f"{model}: no results ({result.counts.failed} samples failed; first: "
+                          f"{result.failed[0].reason if result.failed else 'none'})")
+    settings = {**ref.settings.inputs_view(), "source": ref.settings_source}
+    return evidence_from(model, result, base, settings=settings)

@@ -13,6 +13,7 @@ stays small for any number of samples. All text is escaped.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import math
 from collections import Counter
@@ -29,11 +30,12 @@ import numpy as np
 from avprobe import ENGINE_VERSION, __version__
 from avprobe.claim import ClaimOutcome, claims_table
 from avprobe.conditions import band
-from avprobe.paper import BANDS, FIG2
+from avprobe.paper import BANDS, FIG2, PAPER_DEPTH, PAPER_MODEL
 from avprobe.pipeline.evidence import Evidence, content_words, normalize_token
 from avprobe.records import Protocol, SampleRecord
 from avprobe.report import svg
-from avprobe.stats import format_p, nanmean
+from avprobe.report.numbers import STATUS_TEXT, STATUS_TITLE, band_text, fix_p_text, format_p, layer_span
+from avprobe.stats import nanmean
 from avprobe.types import Role
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 SHIFT_COLORS = {"sh-same": "#6baed6", "sh-top3": "#f2c94c", "sh-shift": "#ef6b6b"}
 KO_COLORS = {"video": svg.ROLE_COLORS["video"], "audio": svg.ROLE_COLORS["audio"]}
 ARROW = {"video": "G↛V", "audio": "G↛A"}
-STATUS_TEXT = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
 
 _JS = """
 document.addEventListener('click', function (e) {
@@ -74,12 +75,18 @@ def write_report(
     outcomes: list[ClaimOutcome],
     evidences: dict[str, Evidence],
     options: ReportOptions | None = None,
+    run: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the report to `path` (parents created) and return the path."""
+    """Write the report to `path` (parents created) and return the path; claims.json
+    (`<stem>.json`) and the per-sample export (`<stem>.samples.jsonl`) are written beside it,
+    with `run` (the settings that read these results) for `avprobe report`."""
+    from avprobe.report.export import write_exports
+
     opts = options or ReportOptions()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = render_report(outcomes, evidences, opts)
+    claims_file, samples_file = write_exports(path, outcomes, evidences, run)
+    text = render_report(outcomes, evidences, opts, links=(claims_file.name, samples_file.name))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)  # a half-written report never replaces a good one
@@ -87,8 +94,10 @@ def write_report(
     return path
 
 
-def render_report(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], opts: ReportOptions | None = None) -> str:
-    """The whole report as one HTML string."""
+def render_report(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], opts: ReportOptions | None = None,
+                  links: tuple[str, str] = ("", "")) -> str:
+    """The whole report as one HTML string; `links` name claims.json and the per-sample
+    export beside it (relative links)."""
     opts = opts or ReportOptions()
     order = _claim_order(outcomes)
     models = list(evidences)
@@ -101,16 +110,26 @@ def render_report(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], 
     toc = [('overview', "Overview")]
     if len({o.model for o in outcomes if o.model}) > 1:
         toc.append(("matrix", "Claims × models"))
+    compare = _compare_section(evidences)
+    if compare:
+        toc.append(("compare", "Models on the same axes"))
     toc += [(_anchor(m), m) for m in models]
     if cross:
         toc.append(("cross", "Cross-model claims"))
+    samples = _samples_section(evidences, links[1])
+    if samples:
+        toc.append(("samples", "Per-sample results"))
+    data_links = ""
+    if links[0]:
+        data_links = (f' · machine-readable: <a href="{escape(links[0])}">{escape(links[0])}</a> (every claim)'
+                      + (f', <a href="{escape(links[1])}">{escape(links[1])}</a> (every sample)' if links[1] else ""))
 
     body = [
         '<header class="top">',
         f"<h1>{escape(opts.title)}</h1>",
         f'<div class="sub">Do audio-visual LLMs really see and hear? The findings of Selvakumar et al., '
         f"CVPR Findings 2026 (arXiv 2604.02605), as statistical tests. Generated {escape(now)} · avprobe "
-        f"{escape(__version__)} (engine {escape(ENGINE_VERSION)})</div>",
+        f"{escape(__version__)} (engine {escape(ENGINE_VERSION)}){data_links}</div>",
         "</header>",
         '<nav class="toc">' + "".join(f'<a href="#{escape(a)}">{escape(t)}</a>' for a, t in toc)
         + '<button type="button" onclick="avpToggle(false)">collapse all</button>'
@@ -120,12 +139,16 @@ def render_report(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], 
     ]
     if len({o.model for o in outcomes if o.model}) > 1:
         body.append(_matrix(outcomes, order))
+    if compare:
+        body.append(compare)
     for m in models:
         body.append(_model_section(m, [o for o in outcomes if o.model == m], evidences.get(m), order, opts))
     if cross:
         body.append('<section class="card" id="cross"><h2>Cross-model claims</h2>'
                     '<p class="lead">Claims that compare two models.</p>'
                     + _claim_table(cross, order) + "</section>")
+    if samples:
+        body.append(samples)
     body.append("</main>")
     body.append(f"<footer>avprobe {escape(__version__)} · report generated {escape(now)} · "
                 "figures re-draw the paper's from this run's data</footer>")
@@ -134,7 +157,7 @@ def render_report(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], 
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(opts.title)}</title><style>{_css()}</style></head><body>"
         + "\n".join(body)
-        + f"<script>{_JS}</script></body></html>\n"
+        + f"<script>{_JS}{_SAMPLES_JS if samples else ''}</script></body></html>\n"
     )
 
 
@@ -171,13 +194,15 @@ def _anchor(model: str) -> str:
 
 
 def _verdict(status: str) -> str:
-    return f'<span class="verdict v-{escape(status)}">{escape(STATUS_TEXT.get(status, status.upper()))}</span>'
+    """A verdict badge; `status` is ClaimOutcome.shown_status (xfailed and moved included)."""
+    return (f'<span class="verdict v-{escape(status)}" title="{escape(STATUS_TITLE.get(status, status))}">'
+            f"{escape(STATUS_TEXT.get(status, status.upper()))}</span>")
 
 
 def _counts(outcomes: Sequence[ClaimOutcome]) -> str:
-    c = Counter(o.status for o in outcomes)
-    return '<span class="counts">' + "".join(
-        f"<span>{_verdict(s)} {c.get(s, 0)}</span>" for s in ("passed", "failed", "skipped")) + "</span>"
+    c = Counter(o.shown_status for o in outcomes)
+    shown = [s for s in ("passed", "failed", "xfailed", "moved", "skipped") if c.get(s) or s in ("passed", "failed", "skipped")]
+    return '<span class="counts">' + "".join(f"<span>{_verdict(s)} {c.get(s, 0)}</span>" for s in shown) + "</span>"
 
 
 def _overview(outcomes: list[ClaimOutcome], evidences: dict[str, Evidence], models: list[str]) -> str:
@@ -288,7 +313,7 @@ def _matrix(outcomes: list[ClaimOutcome], order: dict[str, int]) -> str:
             models.append(o.model)
     rows: dict[tuple[str, str], dict[str, str]] = {}
     for o in _sorted(outcomes, order):
-        rows.setdefault((o.claim_id, o.scope), {})[o.model] = o.status
+        rows.setdefault((o.claim_id, o.scope), {})[o.model] = o.shown_status
     head = "".join(f"<th>{escape(m)}</th>" for m in models)
     body = []
     for (cid, scope), cells in rows.items():
@@ -318,39 +343,61 @@ def _claim_table(outcomes: list[ClaimOutcome], order: dict[str, int]) -> str:
     rows = []
     for o in _sorted(outcomes, order):
         calib = calibration.get(o.claim_id, "—")
+        shown = o.shown_status
         if o.status == "skipped":
-            measured = f'<span class="skip-reason">{escape(o.skip_reason or "skipped")}</span>'
-            p = eff = n = "—"
+            # the reason is prose: it gets the four number columns and wraps there
+            numbers = f'<td colspan="4" class="skip-reason">{escape(o.skip_reason or "skipped")}</td>'
         else:
+            part = _deciding(o)
             measured = _fmt(o.estimate)
             if o.ci and None not in o.ci:
                 measured += f' <span class="fig-ref">[{_fmt(o.ci[0])}, {_fmt(o.ci[1])}]</span>'
-            p, eff, n = format_p(o.p_value), escape(o.effect or "—"), ("—" if o.n is None else str(o.n))
+            p = format_p(o.p_value, part.get("n_boot") if part else None)
+            n = "—" if o.n is None else str(o.n)
+            numbers = (f'<td class="num">{measured}</td><td class="num">{escape(p)}</td>'
+                       f'<td class="eff">{escape(o.effect or "—")}</td><td class="num">{n}</td>')
+        head = ""
+        if len(o.parts) > 1 and o.deciding:
+            head = (f'<div class="deciding">headline: <b>{escape(o.deciding)}</b>'
+                    f'{" (the part that failed)" if o.status == "failed" else ""}</div>')
+        expected = ""
+        if shown == "moved":
+            expected = f'<div class="moved">verdict moved: expected {escape(str(o.expected))}, now {escape(o.status)}</div>'
+        elif shown == "xfailed":
+            expected = '<div class="fig-ref">expected failure (committed verdict unchanged)</div>'
+        layers = "".join(f'<div class="layers">{escape(band_text(k, v))}</div>' for k, v in o.layers.items())
         detail = _claim_details(o)
         model = f' <span class="fig-ref">{escape(o.model)}</span>' if " vs " in o.model else ""
         rows.append(
-            f'<tr class="row-{escape(o.status)}"><td>{_verdict(o.status)}</td>'
+            f'<tr class="row-{escape(shown)}" data-claim="{escape(o.claim_id)}"><td>{_verdict(shown)}{expected}</td>'
             f'<td><span class="cid">{escape(o.claim_id)}</span>{model}<div class="stmt">{escape(o.statement)}</div>'
-            f'<span class="fig-ref">{escape(o.figure)}</span>'
+            f'<span class="fig-ref">{escape(o.figure)}</span>{head}{layers}'
             f'<div class="fig-ref">calibration: {escape(calib)}</div>{detail}</td>'
-            f"<td>{escape(o.scope)}</td><td>{escape(o.paper_value)}</td><td class=\"num\">{measured}</td>"
-            f'<td class="num">{p}</td><td>{eff}</td><td class="num">{n}</td></tr>')
-    return ("<table><thead><tr><th>Verdict</th><th>Claim</th><th>Scope</th><th>Paper</th>"
+            f"<td>{escape(o.scope)}</td><td>{escape(o.paper_value)}</td>{numbers}</tr>")
+    return ('<table class="claims"><thead><tr><th>Verdict</th><th>Claim</th><th>Scope</th><th>Paper</th>'
             '<th class="num">Measured [95% CI]</th><th class="num">p</th><th>Effect</th><th class="num">n</th>'
             "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
+def _deciding(o: ClaimOutcome) -> dict[str, Any] | None:
+    return next((p for p in o.parts if p.get("name") == o.deciding), None)
+
+
 def _claim_details(o: ClaimOutcome) -> str:
     inner = []
-    if o.summary:
-        inner.append(f"<div>{escape(o.summary)}</div>")
     if o.parts:
         items = "".join(
-            f'<li class="{"part-ok" if p.get("passed") else "part-no"}"><b>{escape(str(p.get("name", "")))}</b>: '
-            f'{escape(str(p.get("summary", "")))}</li>' for p in o.parts)
+            f'<li class="{"part-ok" if p.get("passed") else "part-no"}"><b>{escape(str(p.get("name", "")))}</b>'
+            f'{" (headline)" if p.get("name") == o.deciding and len(o.parts) > 1 else ""}: '
+            f'{escape(fix_p_text(str(p.get("summary", "")), p.get("n_boot")))}</li>' for p in o.parts)
         inner.append(f"<div>Sub-tests:</div><ul>{items}</ul>")
+    elif o.summary:
+        inner.append(f"<div>{escape(fix_p_text(o.summary))}</div>")
     if o.notes:
         inner.append("<div>Notes:</div><ul>" + "".join(f"<li>{escape(n)}</li>" for n in o.notes) + "</ul>")
+    if o.thresholds:
+        inner.append("<div>From claims.toml: " + escape(", ".join(f"{k} = {v}" for k, v in o.thresholds.items()))
+                     + "</div>")
     if o.status == "skipped" and o.skip_reason:
         inner.append(f"<div>Skipped: {escape(o.skip_reason)}</div>")
     if not inner:
@@ -365,6 +412,7 @@ def _model_section(model: str, outcomes: list[ClaimOutcome], ev: Evidence | None
     if ev is None or not ev.records:
         out.append('<p class="missing">No stored results for this model: the figures cannot be drawn.</p></section>')
         return "".join(out)
+    out.append(_bands_table(ev))
     if ev.failed:
         items = "".join(f"<li><code>{escape(str(getattr(e, 'sample_id', e)))}</code>: "
                         f"{escape(str(getattr(e, 'reason', '')))}</li>" for e in ev.failed[:20])
@@ -377,6 +425,29 @@ def _model_section(model: str, outcomes: list[ClaimOutcome], ev: Evidence | None
         out.append(_safe(name, fn, ev, opts))
     out.append("</section>")
     return "".join(out)
+
+
+def _bands_table(ev: Evidence) -> str:
+    """Which layers each of the paper's bands became on this model (bands are fractions of depth)."""
+    from avprobe.report.export import model_bands
+
+    L = ev.n_layers
+    w = int(ev.records[0].meta.get("window", 0)) if ev.records else 0
+    rows = []
+    for name, b in model_bands(L).items():
+        lo, hi = b["fraction"]
+        few = len(b["layers"]) < len(b["paper_layers"]) and len(b["layers"]) <= 1
+        cls = ' class="warn"' if few else ""
+        note = " (one layer only)" if few else ""
+        rows.append(f'<tr><td><code>{escape(name)}</code></td><td class="num">{lo:.3g}-{hi:.3g}</td>'
+                    f"<td>{escape(layer_span(b['paper_layers']))} of {PAPER_DEPTH}</td>"
+                    f"<td{cls}><b>{escape(layer_span(b['layers']))}</b> of {L}{note}</td></tr>")
+    return ("<details open><summary>depth bands on this model: which layers each band became</summary>"
+            f'<p class="fig-ref">Bands are fractions of depth [lo, hi), so the paper\'s layers compare across depths; '
+            f"on {L} layers a short band can shrink to one layer. Knockout sweep windows: {w} layers.</p>"
+            '<table class="bands"><thead><tr><th>Band</th><th class="num">Depth fraction</th>'
+            f"<th>Paper ({escape(PAPER_MODEL)}, {PAPER_DEPTH} layers)</th><th>This model</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table></details>")
 
 
 def _safe(name: str, fn: Callable[[Evidence, ReportOptions], str], ev: Evidence, opts: ReportOptions) -> str:
@@ -647,7 +718,7 @@ def _fig_knockout(ev: Evidence, opts: ReportOptions) -> str:
                     y_range=(0.0, 1.0), x_range=(0, max(L - 1, 1)),
                     regions=[_layer_region(paper, "paper's band: layers 15-30 of 36", "#6b7280", tag="paper band")],
                     hlines=[svg.HLine(nanmean(base), "baseline")], width=330, height=240))
-        blocks.append(f'<h4>query "{escape(q)}"</h4><div class="figrow">{"".join(panels)}</div>'
+        blocks.append(f'<h4>query "{escape(q)}"</h4><div class="grid2">{"".join(panels)}</div>'
                       + _band_table(ev, q))
     w = int(ev.records[0].meta.get("window", 0))
     cap = (f"<b>Where each modality reaches the caption.</b> Knockout of attention from every generated row to video "
@@ -838,9 +909,16 @@ def _token_heatmap(toks: list[str], cls: list[str], role_share: np.ndarray | Non
     if not col_labels or n == 0:
         return ""
     rows = [f"{i}: {t.strip()[:12] or '␣'}" for i, t in enumerate(toks[:n])]
+    scales = []
+    if roles:
+        scales.append(svg.ColorScale("share per role", svg.AXIS, 1.0))
+    for name, cols, color in (("per video second", vcols, svg.ROLE_COLORS["video"]),
+                              ("per audio second", acols, svg.ROLE_COLORS["audio"])):
+        if bucket_share is not None and cols:
+            scales.append(svg.ColorScale(name, color, top if top > 0 else 1.0))
     return svg.heatmap(values, rows, col_labels, col_colors=colors, col_vmax=vmax,
                        row_classes=[cls[i] if i < len(cls) else "sh-none" for i in range(n)], col_groups=groups,
-                       label="attention per caption token")
+                       scales=scales, label="attention per caption token")
 
 
 # ---- examples --------------------------------------------------------------------------------
@@ -879,3 +957,218 @@ def _examples(ev: Evidence, opts: ReportOptions) -> str:
     cap = (f'Captions for query "{escape(q or "")}" under the baseline and with generated→video attention blocked; '
            "A / V: judged audio / video fidelity. Samples evenly spaced by id, not selected for the effect.")
     return _figure("Examples · captions under baseline and G↛V", table, cap)
+
+
+# ---- per-sample drill-down -------------------------------------------------------------------
+
+_SAMPLES_JS = """
+(function () {
+  var el = document.getElementById('avp-samples-data');
+  if (!el) return;
+  var D = JSON.parse(el.textContent), S = D.s;
+  var table = document.getElementById('avp-samples'), tbody = table.querySelector('tbody');
+  var count = document.getElementById('avp-count'), more = document.getElementById('avp-more');
+  var controls = document.querySelectorAll('#avp-filter [data-f]');
+  var limit = 50, PAGE = 50;
+  function num(x) { return x === null ? '\\u2014' : x.toFixed(2); }
+  function cell(tr, text, cls) {
+    var td = document.createElement('td'); td.textContent = text; if (cls) td.className = cls; tr.appendChild(td); return td;
+  }
+  function want() {
+    var w = {};
+    controls.forEach(function (c) { w[c.dataset.f] = c.value; });
+    return w;
+  }
+  function keep(r, w) {
+    if (w.model !== '' && String(r[0]) !== w.model) return false;
+    if (w.kind !== '' && String(r[2]) !== w.kind) return false;
+    if (w.query !== '' && String(r[3]) !== w.query) return false;
+    if (w.verdict !== '' && String(r[6]) !== w.verdict) return false;
+    if (w.text) {
+      var t = w.text.toLowerCase(), hay = r[1] + ' ' + S[r[4]] + ' ' + S[r[5]];
+      r[10].forEach(function (c) { hay += ' ' + S[c[0]]; });
+      if (hay.toLowerCase().indexOf(t) < 0) return false;
+    }
+    return true;
+  }
+  function detail(r) {
+    var tr = document.createElement('tr'); tr.className = 'detail';
+    var td = document.createElement('td'); td.colSpan = 10; tr.appendChild(td);
+    var t = document.createElement('table'); t.className = 'conds'; td.appendChild(t);
+    var labels = D.conds[r[0]];
+    r[10].forEach(function (c, i) {
+      var row = document.createElement('tr');
+      cell(row, labels[i], 'cond'); cell(row, S[c[0]]);
+      cell(row, 'A ' + num(c[1]), 'num'); cell(row, 'V ' + num(c[2]), 'num');
+      t.appendChild(row);
+    });
+    return tr;
+  }
+  function render() {
+    var w = want(), shown = 0, total = 0;
+    tbody.textContent = '';
+    D.rows.forEach(function (r) {
+      if (!keep(r, w)) return;
+      total += 1;
+      if (shown >= limit) return;
+      shown += 1;
+      var tr = document.createElement('tr'); tr.className = 'srow';
+      cell(tr, D.models[r[0]]);
+      var id = cell(tr, r[1], 'mono'); var k = document.createElement('div');
+      k.className = 'kind kind-' + D.kinds[r[2]]; k.textContent = D.kinds[r[2]]; id.appendChild(k);
+      cell(tr, D.queries[r[3]]);
+      cell(tr, 'hears: ' + S[r[4]] + ' \\u00b7 sees: ' + S[r[5]], 'ref');
+      cell(tr, r[10].length ? S[r[10][0][0]] : '');
+      cell(tr, r[10].length ? num(r[10][0][1]) : '\\u2014', 'num');
+      cell(tr, r[10].length ? num(r[10][0][2]) : '\\u2014', 'num');
+      cell(tr, r[7] < 0 ? '\\u2014' : S[r[7]] + (r[8] ? ' \\u2713' : ''), r[8] ? 'hit' : '');
+      cell(tr, num(r[9]), 'num');
+      cell(tr, D.verdicts[r[6]], 'sv sv-' + r[6]);
+      tr.addEventListener('click', function () {
+        var next = tr.nextSibling;
+        if (next && next.className === 'detail') { next.remove(); return; }
+        tbody.insertBefore(detail(r), next);
+      });
+      tbody.appendChild(tr);
+    });
+    count.textContent = total + ' of ' + D.rows.length + ' records match; showing ' + shown;
+    more.hidden = shown >= total;
+  }
+  controls.forEach(function (c) { c.addEventListener('input', function () { limit = PAGE; render(); }); });
+  more.addEventListener('click', function () { limit += PAGE; render(); });
+  render();
+})();
+"""
+
+VERDICTS = ("heard", "heard inside only", "missed", "unscored")
+
+
+def _samples_section(evidences: dict[str, Evidence], samples_link: str) -> str:
+    """Every sample and query of every model: one row each (baseline caption, fidelities, the
+    logit lens's concept, mean KL to the base), filterable by model, kind, query, per-sample
+    verdict and text; a click shows the caption under each whole-band knockout. The rows are
+    JSON in the page (strings stored once) and drawn by a few lines of plain JavaScript."""
+    from avprobe.report.export import HEARD, sample_rows
+
+    evs = [(m, ev) for m, ev in evidences.items() if ev is not None and ev.records]
+    if not evs:
+        return ""
+    strings: dict[str, int] = {}
+
+    def sid(text: str) -> int:
+        return strings.setdefault(text, len(strings))
+
+    def r2(x: Any) -> float | None:
+        return round(float(x), 2) if x is not None and math.isfinite(float(x)) else None
+
+    models = [m for m, _ in evs]
+    queries = sorted({q for _, ev in evs for q in ev.queries})
+    kinds = ["factual", "counterfactual"]
+    rows, conds = [], []
+    for mi, (m, ev) in enumerate(evs):
+        labels: list[str] | None = None
+        for row in sample_rows(ev, all_conditions=False):
+            if labels is None:
+                labels = [_pretty_label(c["label"]) for c in row["conditions"]]
+            lens = row["lens"]
+            rows.append([
+                mi, row["sample_id"], kinds.index(row["kind"]) if row["kind"] in kinds else 0,
+                queries.index(row["query"]), sid(row["audio_reference"]), sid(row["video_reference"]),
+                VERDICTS.index(row["verdict"]), sid(lens["concept"]) if lens and lens["concept"] else -1,
+                int(bool(lens and lens["hit"])), r2(row["shift"]["mean_kl"]) if row["shift"] else None,
+                [[sid(c["caption"]), r2(c["audio_fidelity"]), r2(c["video_fidelity"])] for c in row["conditions"]],
+            ])
+        conds.append(labels or [])
+    data = {"s": list(strings), "models": models, "queries": queries, "kinds": kinds, "verdicts": list(VERDICTS),
+            "conds": conds, "rows": rows}
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+
+    def select(name: str, label: str, options: Sequence[str]) -> str:
+        opts = "".join(f'<option value="{i}">{escape(o)}</option>' for i, o in enumerate(options))
+        return f'<label>{escape(label)} <select data-f="{name}"><option value="">all</option>{opts}</select></label>'
+
+    link = (f' The full export, every condition of the sweep included: <a href="{escape(samples_link)}">'
+            f"{escape(samples_link)}</a> (JSON lines).") if samples_link else ""
+    return (
+        '<section class="card" id="samples"><h2>Per-sample results</h2>'
+        f'<p class="lead">One row per sample and query ({len(rows):,} records). Verdict per sample: <b>heard</b> = the '
+        f"baseline caption's audio fidelity is at least {HEARD}; <b>heard inside only</b> = it is not, but the logit "
+        "lens's dominant concept at the audio positions (the latent_audio band) is the true sound; <b>missed</b> = "
+        f"neither. KL: mean KL(AV‖base) over the caption's tokens. Click a row for its captions under each "
+        f"whole-band knockout.{link}</p>"
+        '<form id="avp-filter" class="filters" onsubmit="return false">'
+        + select("model", "model", models) + select("kind", "kind", kinds) + select("query", "query", queries)
+        + select("verdict", "verdict", VERDICTS)
+        + '<label>text <input type="search" data-f="text" placeholder="sample id or words"></label></form>'
+        '<p id="avp-count" class="fig-ref"></p>'
+        '<table id="avp-samples" class="samples"><thead><tr><th>Model</th><th>Sample</th><th>Query</th>'
+        '<th>References</th><th>Baseline caption</th><th class="num">A</th><th class="num">V</th><th>Lens concept</th>'
+        '<th class="num">KL</th><th>Verdict</th></tr></thead><tbody></tbody></table>'
+        '<button type="button" id="avp-more">show more</button>'
+        f'<script type="application/json" id="avp-samples-data">{blob}</script></section>'
+    )
+
+
+# ---- several models on the same axes ---------------------------------------------------------
+
+MODEL_COLORS = ("#1d4ed8", "#c026d3", "#059669", "#d97706", "#6b7280")
+
+
+def _compare_section(evidences: dict[str, Evidence]) -> str:
+    """With several models: their fidelities, attention flow and knockout curves on shared
+    axes (x = fraction of depth when their depths differ)."""
+    evs = [(m, ev) for m, ev in evidences.items() if ev is not None and ev.records]
+    if len(evs) < 2:
+        return ""
+    colors = {m: MODEL_COLORS[i % len(MODEL_COLORS)] for i, (m, _) in enumerate(evs)}
+    same_depth = len({ev.n_layers for _, ev in evs}) == 1
+    L0 = evs[0][1].n_layers
+
+    def xs(n: int, positions: Sequence[float]) -> tuple[float, ...]:
+        return tuple(float(p) for p in positions) if same_depth else tuple(p / max(n - 1, 1) for p in positions)
+
+    x_label = "layer" if same_depth else "fraction of depth"
+    x_range = (0.0, float(L0 - 1)) if same_depth else (0.0, 1.0)
+    charts = []
+    for modality in ("audio", "video"):
+        groups = []
+        for kind in ("factual", "counterfactual"):
+            bars = []
+            for m, ev in evs:
+                mean, lo, hi, _ = _mean_ci(ev.scores(ev.select(kind, modality="audio-video"), "baseline", modality))
+                bars.append(svg.Bar(m, mean, colors[m], lo, hi))
+            groups.append((kind, bars))
+        charts.append(svg.bar_chart(groups, title=f"{modality} fidelity (all queries)", y_label="mean fidelity",
+                                    width=360))
+    for role in (Role.AUDIO, Role.VIDEO):
+        series = []
+        for m, ev in evs:
+            flow = ev.flow(ev.select(modality="audio-video"))
+            mean = np.nanmean(flow[:, :, int(role)], axis=0)
+            series.append(svg.Series(m, tuple(mean.tolist()), colors[m], xs=xs(ev.n_layers, range(len(mean)))))
+        charts.append(svg.line_chart(series, title=f"attention share on {role.label}", x_label=x_label,
+                                     y_label="share of attention", y_range=(0.0, 1.0), percent=True, x_range=x_range,
+                                     integer_x=same_depth, width=360, height=260))
+    for modality, letter in (("video", "C"), ("audio", "D")):
+        series, base_lines = [], []
+        for m, ev in evs:
+            windows = ev.sweep_keys("video")
+            recs = ev.select("counterfactual", modality="audio-video")
+            if not windows or not recs:
+                continue
+            means = tuple(nanmean(ev.scores(recs, w["key"], modality)) for w in windows)
+            centres = [float(np.mean(w["layers"])) for w in windows]
+            series.append(svg.Series(m, means, colors[m], xs=xs(ev.n_layers, centres)))
+            base_lines.append(svg.HLine(nanmean(ev.scores(recs, "baseline", modality)), "", colors[m]))
+        if series:
+            charts.append(svg.line_chart(series, title=f"Fig. 5{letter} · counterfactual {modality} fidelity under G↛V",
+                                         x_label=f"window centre ({x_label})", y_label="mean fidelity",
+                                         y_range=(0.0, 1.0), x_range=x_range, integer_x=same_depth, hlines=base_lines,
+                                         width=360, height=260))
+    legend = "".join(f'<span class="swatch" style="background:{c}"></span>{escape(m)}' for m, c in colors.items())
+    cap = ("<b>The models on the same axes.</b> Baseline fidelities (normal 95% intervals), the attention share of "
+           "generated rows per layer, and the counterfactual fidelities under the G↛V sweep (dashed: each model's "
+           f"baseline). {'Both models have ' + str(L0) + ' layers.' if same_depth else 'x is the fraction of depth.'}")
+    return ('<section class="card" id="compare"><h2>Models on the same axes</h2>'
+            f'<p class="lead">{legend}</p>'
+            + _figure("Models compared", f'<div class="figrow">{"".join(charts)}</div>', cap) + "</section>")

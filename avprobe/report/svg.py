@@ -312,25 +312,28 @@ def heatmap(
     col_vmax: Sequence[float],
     row_classes: Sequence[str] | None = None,
     col_groups: Sequence[tuple[str, int, int]] = (),
-    cell: int = 11,
-    label_width: int = 90,
+    scales: Sequence[ColorScale] = (),
+    cell: int = 15,
+    label_width: int = 120,
     label: str = "",
 ) -> str:
     """Rows x columns of cells whose opacity is value / col_vmax[column], coloured per column.
 
     `row_classes` become CSS classes of the row labels (and of each row's group, so a row can
-    be highlighted from the page); `col_groups` are (title, first column, end column) headings.
-    Cells carry no tooltips: a report with many of them stays small.
+    be highlighted from the page); `col_groups` are (title, first column, end column) headings;
+    `scales` are drawn under the cells (what full colour means). Cells carry no tooltips: a
+    report with many of them stays small.
     """
     n_rows, n_cols = len(row_labels), len(col_labels)
-    head = 30 if col_groups else 16
-    width = label_width + n_cols * cell + 4
-    height = head + n_rows * cell + 4
+    head = 36 if col_groups else 18
+    scale_h = 30 * len(scales) + (6 if scales else 0)
+    width = max(label_width + n_cols * cell + 4, label_width + 250 if scales else 0)
+    height = head + n_rows * cell + 4 + scale_h
     out = [_svg_open(width, height, label or "heatmap")]
     for title, a, b in col_groups:
         x = label_width + a * cell
-        out.append(f'<text x="{_n(x + (b - a) * cell / 2)}" y="10" text-anchor="middle" class="tk">{escape(title)}</text>'
-                   f'<line x1="{x + 1}" x2="{x + (b - a) * cell - 1}" y1="13" y2="13" stroke="{AXIS}"/>')
+        out.append(f'<text x="{_n(x + (b - a) * cell / 2)}" y="12" text-anchor="middle" class="tk">{escape(title)}</text>'
+                   f'<line x1="{x + 1}" x2="{x + (b - a) * cell - 1}" y1="16" y2="16" stroke="{AXIS}"/>')
     for j, lab in enumerate(col_labels):
         out.append(f'<text x="{_n(label_width + j * cell + cell / 2)}" y="{head - 3}" text-anchor="middle" '
                    f'class="hx">{escape(lab)}</text>')
@@ -348,5 +351,40 @@ def heatmap(
                            f'fill="{col_colors[j]}" opacity="{op:.1f}"/>')
         out.append("</g>")
     out.append(f'<rect x="{label_width}" y="{head}" width="{n_cols * cell}" height="{n_rows * cell}" fill="none" '
-               f'stroke="{GRID}"/></svg>')
+               f'stroke="{GRID}"/>')
+    y = head + n_rows * cell + 10
+    for sc in scales:
+        out.append(color_scale(sc, label_width, y))
+        y += 30
+    out.append("</svg>")
     return "".join(out)
+
+
+@dataclass(frozen=True)
+class ColorScale:
+    """What a heatmap's colour means: opacity 0 at `lo`, full `color` at `hi`."""
+
+    title: str
+    color: str
+    hi: float
+    lo: float = 0.0
+    percent: bool = True
+
+
+def color_scale(sc: ColorScale, x: float, y: float, steps: int = 6, step_w: int = 18) -> str:
+    """A stepped colour bar (SVG fragment) with its end values and title, at (x, y)."""
+    out = [f'<text x="{_n(x - 6)}" y="{_n(y + 11)}" text-anchor="end" class="hy">{escape(sc.title)}</text>']
+    for i in range(steps):
+        op = i / (steps - 1)
+        out.append(f'<rect x="{_n(x + i * step_w)}" y="{_n(y)}" width="{step_w}" height="13" fill="{sc.color}" '
+                   f'fill-opacity="{op:.2f}" stroke="{GRID}" stroke-width="0.5"/>')
+    end = x + steps * step_w
+    out.append(f'<text x="{_n(x)}" y="{_n(y + 24)}" class="hx" text-anchor="start">{_fmt_val(sc.lo, sc.percent)}</text>'
+               f'<text x="{_n(end)}" y="{_n(y + 24)}" class="hx" text-anchor="end">{_scale_val(sc.hi, sc.percent)}</text>')
+    return "".join(out)
+
+
+def _scale_val(v: float, percent: bool) -> str:
+    if percent:
+        return f"{v * 100:.0f}%" if v >= 0.1 else f"{v * 100:.1f}%"
+    return f"{v:.3g}"

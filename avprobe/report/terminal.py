@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 
 from avprobe.claim import ClaimOutcome
+from avprobe.report.numbers import format_p
 
-_STYLE = {"passed": "green", "failed": "red", "skipped": "yellow"}
+_STYLE = {"passed": "green", "failed": "red", "skipped": "yellow", "xfailed": "bright_black", "moved": "bold red"}
 
 
 def summary_table(outcomes: list[ClaimOutcome], width: int = 160) -> str:
@@ -23,11 +24,15 @@ def summary_table(outcomes: list[ClaimOutcome], width: int = 160) -> str:
         est = "" if o.estimate is None else f"{o.estimate:.3g}"
         if o.ci and None not in o.ci:
             est += f" [{o.ci[0]:.3g}, {o.ci[1]:.3g}]"
-        verdict = f"[{_STYLE.get(o.status, 'white')}]{o.status.upper()}[/]"
+        shown = o.shown_status  # an expected failure reads XFAILED, as pytest's own line says
+        verdict = f"[{_STYLE.get(shown, 'white')}]{shown.upper()}[/]"
+        if shown == "moved":
+            verdict += f" (was {o.expected})"
         if o.status == "skipped":
             est = o.skip_reason
-        t.add_row(o.claim_id, o.model, o.scope, verdict, est,
-                  "" if o.p_value is None else f"{o.p_value:.2g}", "" if o.n is None else str(o.n),
+        part = next((p for p in o.parts if p.get("name") == o.deciding), None)
+        p_text = "" if o.p_value is None else format_p(o.p_value, part.get("n_boot") if part else None)
+        t.add_row(o.claim_id, o.model, o.scope, verdict, est, p_text, "" if o.n is None else str(o.n),
                   o.paper_value, calibration.get(o.claim_id, "—"))
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False).print(t)

@@ -44,6 +44,12 @@ def register(subparsers) -> None:
     e.add_argument("--knockout", type=int, default=0, metavar="N",
                    help="also decode N counterfactual samples under the claims' knockouts (audio/video accuracy per condition)")
     e.set_defaults(func=_eval)
+    g = sub.add_parser("targets", help="attention profile and knockout location in the paper's bands (issue 13's targets)")
+    g.add_argument("--model", required=True, help="organism name or model directory")
+    g.add_argument("-n", type=int, default=100, help="evaluation samples, half factual (default 100)")
+    g.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    g.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    g.set_defaults(func=_targets)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -64,6 +70,30 @@ def _train(args: argparse.Namespace) -> int:
         f"[bold]{args.variant}[/] seed {args.seed}: {cfg.total_steps} steps in {res.seconds:.0f} s "
         f"(data {res.data_seconds:.0f} s), final loss {res.losses[-1]:.4f} -> {res.out}"
     )
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from avprobe.lab.targets import main
+
+    if args.n < 2:
+        raise SystemExit("-n must be at least 2 (half factual, half counterfactual)")
+    figs = main(args.model, args.n, args.threads)
+    console = Console()
+    for key, row in figs.items():
+        t = Table(title=f"{args.model}: {key} (n={row['n']}); attention: "
+                        + ", ".join(f"{k} {v:.3f}" for k, v in row["flow"].items()))
+        for c in ("condition", "audio_acc", "video_acc"):
+            t.add_column(c, justify="left" if c == "condition" else "right")
+        for label, acc in row.items():
+            if isinstance(acc, dict) and "audio" in acc:
+                t.add_row(label, f"{acc['audio']:.3f}", f"{acc['video']:.3f}")
+        console.print(t)
+    if args.json is not None:
+        args.json.write_text(json.dumps(figs, indent=2) + "\n")
     return 0
 
 

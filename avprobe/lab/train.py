@@ -137,7 +137,7 @@ RECIPES: dict[str, Recipe] = {
                  overrides={}),
     "deep": Recipe(
         dirs={"base": "organism-deep-base", "organism": "organism-deep", "control": "organism-deep-control"},
-        overrides={"size": DEEP, "routing": "paper-strict", "partial_share": 0.05, "listened": LISTENED,
+        overrides={"size": DEEP, "routing": "paper-strict", "partial_share": 0.08, "listened": LISTENED,
                    "base_name": "organism-deep-base"},
         # the base and the control as they were trained (their train.json): the control listens
         # to every source, so neither the share of off-screen clips nor the stricter video caps

@@ -74,6 +74,23 @@ def load_samples(spec: str, limit: int | None = None) -> tuple[list[Sample], lis
     return limit_balanced(samples, limit), errors
 
 
+def clips_per_batch(spec: str | int | None) -> int | None:
+    """`--clips-per-batch`: a positive count, or `auto` (None: chosen by memory, see
+    `collect.auto_clips_per_batch`). Anything else is refused before any work."""
+    if spec is None or isinstance(spec, int) and not isinstance(spec, bool):
+        n = spec
+    elif str(spec).strip().lower() == "auto":
+        return None
+    else:
+        try:
+            n = int(str(spec))
+        except ValueError:
+            raise ValueError(f"--clips-per-batch {spec!r}: write a positive number of clips or auto") from None
+    if n is not None and n < 1:
+        raise ValueError(f"--clips-per-batch must be at least 1 (1 = the one-clip engine) or auto, got {n}")
+    return n
+
+
 # ---- counters ---------------------------------------------------------------------------
 
 @dataclass
@@ -326,6 +343,7 @@ def gather(
     label: str | None = None,
     collect_command: str | None = None,
     on_failure: Callable[[SampleError], None] | None = None,
+    clips_per_batch: int | None = 1,
 ) -> GatherResult:
     """Records of `samples` from `store` (computing misses), judged by `judge` (if any).
 
@@ -333,7 +351,9 @@ def gather(
     (`base_model`, for the shift) with them. `keep=False` keeps counters only (memory flat over
     any number of samples: the CLI); `keep=True` keeps records and fidelities (the claims).
     With a read-only store every miss is counted and one `GatherError` says how many results
-    are missing and which command computes them (`collect_command`).
+    are missing and which command computes them (`collect_command`). `clips_per_batch`: records
+    computed in one batched decode (1: the one-clip engine; None: chosen by memory; see
+    `collect.collect`); the records are the same either way.
     """
     from avprobe.pipeline.collect import collect
     from avprobe.store import CacheMiss
@@ -383,7 +403,7 @@ def gather(
                 bar.sample_done()
 
         for item in collect(ref, samples, store, protocol, get_adapter=get_adapter, get_base=get_base,
-                            refresh=refresh, on_progress=on_progress):
+                            refresh=refresh, on_progress=on_progress, clips_per_batch=clips_per_batch):
             if isinstance(item, CacheMiss):  # counted by on_progress
                 continue
             if isinstance(item, SampleError):

@@ -157,3 +157,60 @@ def test_gather_passes_the_batch_size_through(organism, one_clip, tmp_path):
     assert r.counts.computed == 4 and not r.failed
     want = {k: v for k, v in _stored(one_clip).items() if any(k == g for g in _stored(tmp_path / "g"))}
     assert want and _stored(tmp_path / "g") == want
+
+
+# ---- the worker thread, without a model ---------------------------------------------------------
+
+
+def _fake_record(sample, query):
+    import numpy as np
+
+    from avprobe.records import SampleRecord
+
+    return SampleRecord({"sample_id": sample.id, "query": query, "conditions": [], "prompt_len": 10},
+                        {"flow_mean": np.zeros((1, 2), np.float16)})
+
+
+# (clips per batch, the compute call that waits, the sample the next batch loads meanwhile): one
+# clip a batch: batch 2 is s0's second query (its media kept), so batch 2 waits for s1's load;
+# three: batch 1 (s0 q1, s0 q22, s1 q1) waits for s2's load by batch 2 (s1 q22, s2 q1, s2 q22)
+@pytest.mark.parametrize("n,waiting_call,next_sample", [(1, 2, "s1"), (3, 1, "s2")])
+def test_media_load_once_per_sample_in_the_worker_overlapping_the_model(tmp_path, monkeypatch, n, waiting_call,
+                                                                       next_sample):
+    """The next batch's media are loaded in the worker thread while the current batch computes
+    (a compute call waits until the loader has been called for the next batch's new sample:
+    without the overlap it would time out), once per sample for all its queries."""
+    import threading
+    from types import SimpleNamespace
+
+    from avprobe.types import Sample
+
+    samples = [Sample(id=f"s{i}", media_key=f"m{i}") for i in range(4)]
+    proto = Protocol(queries=("q1", "q22"), max_new_tokens=1)
+    loads: list[tuple[str, str]] = []
+    second_batch_loading = threading.Event()
+    calls: list[list[tuple[str, str]]] = []
+
+    def loader(sample):
+        loads.append((sample.id, threading.current_thread().name))
+        if sample.id == next_sample:
+            second_batch_loading.set()
+        return SimpleNamespace(frames=None)
+
+    def engine(items):
+        calls.append([(s.id, q) for s, _, q, *_ in items])
+        if len(calls) == waiting_call:
+            assert second_batch_loading.wait(20), "the next batch was not being loaded while this one computed"
+        return [_fake_record(s, q) for s, _, q, *_ in items]
+
+    monkeypatch.setattr(collect_mod, "compute_record",
+                        lambda adapter, sample, media, query, protocol, base=None: engine([(sample, media, query)])[0])
+    monkeypatch.setattr(collect_mod, "compute_records", lambda adapter, items, protocol, base=None: engine(items))
+    adapter = SimpleNamespace(tokenizer=object(), build_inputs=lambda media, query: ("inputs", query))
+    model = SimpleNamespace(name="fake", revision="r1")
+    got = list(collect_mod.collect(model, samples, Store(tmp_path), proto, get_adapter=lambda: adapter,
+                                   media_loader=loader, clips_per_batch=n))
+    assert sorted((r.sample_id, r.query) for r in got) == sorted((s.id, q) for s in samples for q in proto.queries)
+    assert [len(c) for c in calls] == ([1] * 8 if n == 1 else [3, 3, 2])
+    assert sorted(s for s, _ in loads) == [s.id for s in samples]  # once per sample, not per query
+    assert {t for _, t in loads} == {"avprobe-prefetch_0"}  # in the worker, never on the model's thread

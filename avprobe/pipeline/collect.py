@@ -317,13 +317,15 @@ def collect(
     # The worker thread's own adapter view: build_inputs with its own tokenizer copy (a Rust
     # tokenizer must not be borrowed by two threads at once); the model is shared, unused there.
     worker_adapter: list[Any] = []
+    last_media: dict[str, Any] = {}  # the worker's: the last sample's media, for its next query
 
     def prepare(batch: list[tuple[Sample, str, dict[str, Any]]], build: bool) -> list[tuple[Any, Any]]:
         """In the worker: per item (media or the exception decoding raised, inputs or None)."""
         if build and not worker_adapter:
             worker_adapter.append(copy.copy(adapter))
             worker_adapter[0].tokenizer = copy.deepcopy(adapter.tokenizer)
-        media_of: dict[str, Any] = {}
+        # a sample's queries share its media, across batches too (the last sample's is kept)
+        media_of: dict[str, Any] = dict(last_media)
         out = []
         for sample, query, _ in batch:
             if sample.id not in media_of:
@@ -338,6 +340,9 @@ def collect(
                 except Exception:  # noqa: BLE001 - left to the engine's own call, which reports it
                     mi = None
             out.append((media, mi))
+        last_media.clear()
+        if batch:
+            last_media[batch[-1][0].id] = media_of[batch[-1][0].id]
         return out
 
     def finish(batch: list[tuple[Sample, str, dict[str, Any]]], prepared: list[tuple[Any, Any]],

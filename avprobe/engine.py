@@ -9,7 +9,7 @@ all rows (one matrix product per layer), and each row keeps only its own suffix.
 default. Attention mass per role is recorded for every row at no extra pass (NaN at layers
 that have no attention). A hybrid model's recurrent layers (Mamba) carry a state, not keys and
 values: the prefill leaves it in the adapter's `recurrent_cache`, and every row decodes from
-its own copy of it (`branch_recurrent_cache`).
+its own copy of it (`branch_recurrent_cache`); such a model's clips decode one at a time.
 
 `reference_decode` is the straightforward protocol for one condition (full forward with
 HF's cache, a boolean mask per layer): the tests hold the engine to it token for token.
@@ -18,7 +18,9 @@ HF's cache, a boolean mask per layer): the tests hold the engine to it token for
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,15 +118,68 @@ def run(
 ) -> RunResult:
     """Decode every condition for one prompt. Returns tokens, text and attention flow per row.
     The model's attention implementation is avprobe's for the run, its own again after."""
+    _check_conditions(conditions)
+    with attn.installed(adapter.model):
+        return _run_clips(adapter, [(mi, conditions)], config)[0]
+
+
+@torch.no_grad()
+def run_batch(
+    adapter: ModelAdapter,
+    clips: Sequence[tuple[ModelInputs, list[Condition]]],
+    config: EngineConfig = EngineConfig(),
+) -> list[RunResult]:
+    """`run` for several prompts at once (clips of any lengths and layouts, each with its own
+    conditions): one prefill per clip, then one decode in which every condition row of every
+    clip is a row of the same batch. Each row attends to its own clip's prompt keys and values
+    (held once per clip, never per row) and its own suffix, so the per-step work of the
+    model's layers (the weight reads, the per-call overhead) is paid once for all clips.
+    A clip whose rows have all ended leaves the batch. Returns one RunResult per clip, in
+    order, equal to `run`'s for that clip (bit for bit in float32 when every clip has at
+    least two conditions: a one-row matrix product takes another kernel)."""
+    if not clips:
+        raise ValueError("no clips to run")
+    for _, conds in clips:
+        _check_conditions(conds)
+    with attn.installed(adapter.model):
+        return _run_clips(adapter, list(clips), config)
+
+
+def _check_conditions(conditions: list[Condition]) -> None:
     if not conditions:
         raise ValueError("no conditions to run")
     if len(set(conditions)) != len(conditions):
         raise ValueError("conditions must be distinct")
-    with attn.installed(adapter.model):
-        return _run(adapter, mi, conditions, config)
 
 
-def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], config: EngineConfig) -> RunResult:
+@dataclass
+class _Clip:
+    """One prompt's state through the decode (`_prefill` makes it, `_result` reads it)."""
+
+    mi: ModelInputs
+    conditions: list[Condition]
+    session: attn.SharedPrefixDecode
+    tracker: RuleTracker
+    base_row: int
+    lens: LensResult | None
+    bucket_labels: list[str]
+    out_ids: list[list[int]]
+    done: list[bool]
+    steps_taken: list[int]
+    logprobs: list[torch.Tensor] | None
+    topk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    tokens: torch.Tensor  # [B] the rows' next inputs
+    steps_run: int = 0
+    state: Any = None  # a hybrid model's recurrent cache, one copy per row after the prefill
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+
+def _prefill(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], config: EngineConfig) -> _Clip:
+    """The prompt minus its last token through the model once, capturing each layer's keys
+    and values (and the lens states); returns the clip ready to decode."""
     model, dev = adapter.model, adapter.device
     P, L, B = mi.prompt_len, adapter.n_layers, len(conditions)
     roles = mi.roles[:P]
@@ -139,18 +194,17 @@ def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], co
     # Hybrid models: the recurrent layers' state after the prefix (attention keys and values
     # stay with the session); one copy per row after the prefill, each evolving on its own.
     state = adapter.recurrent_cache()
-    cache_kw = {"cache": state, "use_cache": True} if state is not None else {"use_cache": False}
     with attn.using(capture):
         if config.lens is not None and len(lens_pos):
             with capture_hidden(adapter, lens_pos) as hidden:
-                model(**kw, **cache_kw, logits_to_keep=adapter.prefill_logits_to_keep(P - 1, all_rows=True))
+                model(**kw, **_cache_kw(state), logits_to_keep=adapter.prefill_logits_to_keep(P - 1, all_rows=True))
             lens_result = decode_hidden(adapter, hidden, lens_pos, config.lens)
         else:
-            model(**kw, **cache_kw, logits_to_keep=adapter.prefill_logits_to_keep(P - 1))
+            model(**kw, **_cache_kw(state), logits_to_keep=adapter.prefill_logits_to_keep(P - 1))
     if state is not None:
         adapter.branch_recurrent_cache(state, B)
 
-    # 2. batched decode of all condition rows over the shared prefix
+    # 2. the decode session of all condition rows over the shared prefix
     masks = build_masks(conditions, roles, L)
 
     def to_dev(xs):
@@ -160,9 +214,8 @@ def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], co
     base_row = next((i for i, c in enumerate(conditions) if isinstance(c, Baseline)), 0)
     if config.record_attention and config.record_buckets:
         buckets, bucket_labels = time_buckets(roles[: P - 1], mi.times[: P - 1])
-    T = config.max_new_tokens
     session = attn.SharedPrefixDecode(
-        capture.keys, capture.values, B, T,
+        capture.keys, capture.values, B, config.max_new_tokens,
         to_dev(masks.prefix_block), to_dev(masks.suffix0_block), to_dev(masks.rule_rows),
         roles[: P - 1], int(roles[P - 1]), record=config.record_attention,
         buckets=buckets, bucket_row=base_row, prefix_path=config.prefix_path,
@@ -170,75 +223,128 @@ def _run(adapter: ModelAdapter, mi: ModelInputs, conditions: list[Condition], co
     # The session keeps its own role-ordered copy of the prefix: drop the captured one.
     capture.keys.clear()
     capture.values.clear()
-    tracker = RuleTracker(masks.rules)
+    return _Clip(
+        mi=mi, conditions=conditions, session=session, tracker=RuleTracker(masks.rules), base_row=base_row,
+        lens=lens_result, bucket_labels=bucket_labels, out_ids=[[] for _ in range(B)], done=[False] * B,
+        steps_taken=[0] * B, logprobs=[] if config.keep_logprobs else None, topk=[],
+        tokens=torch.full((B,), int(mi.input_ids[0, P - 1]), dtype=torch.long, device=dev), state=state,
+    )
+
+
+def _cache_kw(state: Any) -> dict[str, Any]:
+    return {"cache": state, "use_cache": True} if state is not None else {"use_cache": False}
+
+
+def _run_clips(adapter: ModelAdapter, items: list[tuple[ModelInputs, list[Condition]]],
+               config: EngineConfig) -> list[RunResult]:
+    clips = [_prefill(adapter, mi, conds, config) for mi, conds in items]
+    if any(c.state is not None for c in clips):
+        for c in clips:  # one recurrent cache per clip: no grouped decode across clips
+            _decode(adapter, [c], config)
+    else:
+        _decode(adapter, clips, config)
+    return [_result(adapter, c, config) for c in clips]
+
+
+def _decode(adapter: ModelAdapter, clips: list[_Clip], config: EngineConfig) -> None:
+    """Greedy decode of every row of every clip, one batch per step. Each clip's rows are a
+    contiguous block; a clip leaves the batch once all its rows have ended (as `run` stops)."""
+    dev = adapter.device
     eos = adapter.eos_ids
     eos_idx = torch.tensor(sorted(eos), dtype=torch.long, device=dev) if config.suppress_eos and eos else None
-    tokens = torch.full((B,), int(mi.input_ids[0, P - 1]), dtype=torch.long, device=dev)
-    out_ids: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    steps_taken = [0] * B
-    logprobs = [] if config.keep_logprobs else None
-    topk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     text_model = adapter.text_model
-    with attn.using(session):
-        for t in range(T):
-            session.t = t
-            pos = adapter.step_positions(mi, t, B).to(dev)  # the family's rotary layout
-            h = text_model(**adapter.decode_inputs(tokens), position_ids=pos, **cache_kw)
-            logits = adapter.logits(h.last_hidden_state[:, -1]).float()
-            if logprobs is not None:
-                logprobs.append(torch.log_softmax(logits[base_row], -1).cpu())
-            spread = logits.std(-1) if config.keep_topk else None
-            if eos_idx is not None:
-                logits.index_fill_(1, eos_idx, float("-inf"))
-            if config.keep_topk:
-                v, i = logits.topk(min(config.keep_topk, logits.shape[-1]), dim=-1)
-                topk.append((v, i, spread))
-            nxt = logits.argmax(-1)
-            nl = nxt.tolist()
-            for i in range(B):
-                if not done[i]:
-                    out_ids[i].append(nl[i])
-                    steps_taken[i] = t + 1
-                    if nl[i] in eos:
-                        done[i] = True
-            if all(done):
-                break
-            picked = tracker.step(nl)
-            session.picked[:, t + 1] = torch.tensor(picked, device=dev)
-            tokens = nxt
+    dim = adapter.position_batch_dim
+    active = list(clips)
+    grouped = attn.GroupedPrefixDecode([c.session for c in active])
+    for t in range(config.max_new_tokens):
+        if len(active) == 1:  # one clip: its own session, as the one-clip engine always ran
+            session, pos = active[0].session, adapter.step_positions(active[0].mi, t, len(active[0].done))
+            tokens = active[0].tokens
+        else:
+            session = grouped
+            pos = torch.cat([adapter.step_positions(c.mi, t, len(c.done)) for c in active], dim=dim)
+            tokens = torch.cat([c.tokens for c in active])
+        for c in active:
+            c.session.t = t
+        cache_kw = _cache_kw(active[0].state) if len(active) == 1 else {"use_cache": False}
+        with attn.using(session):
+            h = text_model(**adapter.decode_inputs(tokens), position_ids=pos.to(dev), **cache_kw)
+        logits = adapter.logits(h.last_hidden_state[:, -1]).float()
+        start = 0
+        for c in active:
+            rows = slice(start, start + len(c.done))
+            start = rows.stop
+            _step(c, t, logits[rows], eos, eos_idx, config)
+        still = [c for c in active if not c.finished]
+        if not still:
+            break
+        if len(still) != len(active):
+            active = still
+            grouped = attn.GroupedPrefixDecode([c.session for c in active])
+
+
+def _step(c: _Clip, t: int, logits: torch.Tensor, eos: set[int], eos_idx: torch.Tensor | None,
+          config: EngineConfig) -> None:
+    """One decode step's bookkeeping for one clip's rows (`logits` [B, V], float32)."""
+    c.steps_run = t + 1
+    if c.logprobs is not None:
+        c.logprobs.append(torch.log_softmax(logits[c.base_row], -1).cpu())
+    spread = logits.std(-1) if config.keep_topk else None
+    if eos_idx is not None:
+        logits.index_fill_(1, eos_idx, float("-inf"))
+    if config.keep_topk:
+        v, i = logits.topk(min(config.keep_topk, logits.shape[-1]), dim=-1)
+        c.topk.append((v, i, spread))
+    nxt = logits.argmax(-1)
+    nl = nxt.tolist()
+    for i in range(len(c.done)):
+        if not c.done[i]:
+            c.out_ids[i].append(nl[i])
+            c.steps_taken[i] = t + 1
+            if nl[i] in eos:
+                c.done[i] = True
+    if c.finished:
+        return
+    picked = c.tracker.step(nl)
+    c.session.picked[:, t + 1] = torch.tensor(picked, device=c.session.picked.device)
+    c.tokens = nxt
+
+
+def _result(adapter: ModelAdapter, c: _Clip, config: EngineConfig) -> RunResult:
+    session, eos = c.session, adapter.eos_ids
+    P = c.mi.prompt_len
     outputs = []
     flow = session.flow.cpu().numpy() if session.flow is not None else None
     no_attention = [i for i, k in enumerate(adapter.layer_kinds) if k != "attention"]
     if flow is not None and no_attention:
         flow[:, no_attention] = np.nan  # layers that attend to nothing: no share, not zero
-    for i, c in enumerate(conditions):
-        ids = out_ids[i]
+    for i, cond in enumerate(c.conditions):
+        ids = c.out_ids[i]
         text_ids = [x for x in ids if x not in eos]
         outputs.append(
             ConditionOutput(
-                condition=c,
+                condition=cond,
                 token_ids=ids,
                 text=adapter.decode(text_ids),
-                flow=flow[: steps_taken[i], :, i].copy() if flow is not None else None,
-                finished=done[i],
+                flow=flow[: c.steps_taken[i], :, i].copy() if flow is not None else None,
+                finished=c.done[i],
             )
         )
     bucket_flow = None
     if session.bucket_flow is not None:
-        bucket_flow = session.bucket_flow[: steps_taken[base_row]].cpu().numpy()
+        bucket_flow = session.bucket_flow[: c.steps_taken[c.base_row]].cpu().numpy()
         bucket_flow[:, no_attention] = np.nan
     return RunResult(
         prompt_len=P,
-        n_layers=L,
-        roles=roles.cpu().numpy().astype(np.int8),
+        n_layers=adapter.n_layers,
+        roles=c.mi.roles[:P].cpu().numpy().astype(np.int8),
         outputs=outputs,
-        bucket_labels=bucket_labels,
+        bucket_labels=c.bucket_labels,
         bucket_flow=bucket_flow,
-        lens=lens_result,
-        logprobs=torch.stack(logprobs[: steps_taken[base_row]]) if logprobs else None,
+        lens=c.lens,
+        logprobs=torch.stack(c.logprobs[: c.steps_taken[c.base_row]]) if c.logprobs else None,
         memory=session.memory_bytes(),
-        topk=tuple(torch.stack(x, 1).cpu() for x in zip(*topk)) if topk else None,
+        topk=tuple(torch.stack(x, 1).cpu() for x in zip(*c.topk)) if c.topk else None,
         prefix_path=session.path or "",
     )
 

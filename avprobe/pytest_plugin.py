@@ -44,6 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--device", default="cpu", help="torch device for computing missing results")
     g.addoption("--dtype", default="auto", help="torch dtype for computing missing results")
     g.addoption("--allow-download", action="store_true", help="let transformers download missing weights")
+    g.addoption("--clips-per-batch", default="auto",
+                help="records computed in one batched decode (1 = the one-clip engine; default auto: by memory)")
     g.addoption("--verdicts", default=None,
                 help="directory of expected verdicts (<model>.json): a claim whose verdict is unchanged passes "
                      "(an expected failure shows as xfail), a moved verdict fails; missing files are written")
@@ -55,6 +57,12 @@ def pytest_configure(config: pytest.Config) -> None:
     limit = config.getoption("limit", None)
     if limit is not None and limit < 1:
         raise pytest.UsageError(f"--limit must be a positive number of samples, got {limit}")
+    from avprobe.pipeline.gather import clips_per_batch
+
+    try:
+        clips_per_batch(config.getoption("clips_per_batch", "auto"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     config._avprobe = Session(config)  # type: ignore[attr-defined]
 
 
@@ -290,7 +298,7 @@ class Session:
             loaded_samples=self.samples(), judge=self.opt("judge"), judge_url=self.opt("judge_url"),
             base_model=self.opt("base_model"), offline=bool(self.opt("offline")), device=self.opt("device") or "cpu",
             dtype=self.opt("dtype") or "auto", allow_download=bool(self.opt("allow_download")),
-            refresh=bool(self.opt("refresh")), quiet=quiet)
+            refresh=bool(self.opt("refresh")), quiet=quiet, clips_per_batch=self.opt("clips_per_batch") or "auto")
 
     def run_settings(self) -> dict[str, Any]:
         """What `avprobe report` needs to read the same results again (kept in claims.json)."""

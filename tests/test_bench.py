@@ -159,3 +159,54 @@ def test_a_missing_area_module_is_an_error(monkeypatch):
     monkeypatch.setitem(cli._AREAS, "bench", "avprobe.no_such_module")
     with pytest.raises(ModuleNotFoundError, match="avprobe.no_such_module"):
         cli.build_parser()
+
+
+# ---- the physical limit and the end-to-end row ------------------------------------------------
+
+
+def test_physical_limit_counts_the_weights_once_per_step_and_the_keys_per_row():
+    from avprobe.bench import limits
+    from avprobe.testing import tiny_adapter
+
+    a = tiny_adapter("qwen2_5_omni", n_layers=4)
+    cost = limits.ModelCost.of(a)
+    text = {id(p): p for p in a.text_model.parameters()}
+    embed = a.embed.weight
+    want = sum(p.numel() * 4 for k, p in text.items() if k != id(embed)) + a.unembed.weight.numel() * 4
+    assert cost.weight_bytes == want  # the unembedding read whole, the embedding table one row a token
+    b1, f1 = cost.step(rows=1, prompt_len=100, t=0)
+    b9, f9 = cost.step(rows=9, prompt_len=100, t=0)
+    kv_row = 2 * 4 * cost.kv_heads * cost.head_dim * 4  # one position's keys and values, all layers
+    assert b9 - b1 == 8 * kv_row  # more rows: only their own suffix keys and values
+    assert f9 > 8 * f1  # arithmetic grows with the rows
+    peaks = limits.Peaks(flops=1e12, bandwidth=1e9, source="test")
+    one = limits.sweep_limit(cost, peaks, 100, 9, 4)
+    four = limits.sweep_limit(cost, peaks, 100, 9, 4, clips=4)
+    assert one["bound"] == "memory" and one["seconds"] == pytest.approx(one["prefill_s"] + one["decode_s"])
+    assert one["decode_s"] == pytest.approx(sum(cost.step(9, 100, t)[0] for t in range(4)) / 1e9)
+    # four clips share each step's weight reads: less than four times one clip's limit
+    assert one["seconds"] < four["seconds"] < 4 * one["seconds"]
+
+
+def test_device_peaks_datasheet_and_probe():
+    from avprobe.bench import limits
+
+    h100 = limits.datasheet_peaks("NVIDIA H100 80GB HBM3", "bfloat16")
+    assert h100.bandwidth == 3.35e12 and h100.flops == 989e12 and "datasheet" in h100.source
+    assert limits.datasheet_peaks("NVIDIA H100 PCIe", "bfloat16").bandwidth == 2.0e12
+    assert limits.datasheet_peaks("NVIDIA H200", "float32").bandwidth == 4.8e12
+    assert limits.datasheet_peaks("NVIDIA A10G", "bfloat16") is None
+    cpu = limits.device_peaks("cpu", "float32", budget_s=0.1)
+    assert cpu.flops > 1e8 and cpu.bandwidth > 1e7 and cpu.source.startswith("measured")
+
+
+def test_end_to_end_row_batched_equals_one_clip_and_reports_the_limit(tmp_path):
+    r = _bench(tmp_path / "e2e.json", "--end-to-end", "3", "--clips-per-batch", "2", "--naive-clips", "1",
+               "--peak-probe-s", "0.1", methods=("engine",))
+    e = r["end_to_end"]
+    assert set(e["methods"]) == {"naive", "engine", "batched"}
+    assert e["methods"]["engine"]["clips"] == 3 and e["methods"]["naive"]["clips"] == 1
+    assert e["batched_tokens_equal_engine"] is True and e["shift"] is True
+    assert all(v["x_limit"] > 1 for v in e["methods"].values())  # nothing beats the physical limit
+    assert r["samples"][0]["timing"]["engine"]["x_limit"] > 1 and "source" in r["peaks"]
+    assert e["conditions"] > 5 and len(set(e["prompt_lens"])) == 1

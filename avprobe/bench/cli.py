@@ -48,6 +48,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tie-rtol", type=float, default=None,
                    help="token check: a row may diverge from the engine's only at a near-tie of the engine's logits "
                         "within this many standard deviations (default: 0 = exact in float32/64, 0.15 in bfloat16, 0.05 in float16)")
+    p.add_argument("--end-to-end", dest="end_to_end", type=int, default=0, metavar="CLIPS",
+                   help="also time the full protocol per clip (captions, flow, lens, sweep, shift) over CLIPS clips: "
+                        "naive, the one-clip engine and the batched engine (--clips-per-batch)")
+    p.add_argument("--batch-sweep", dest="batch_sweep", type=int, default=0, metavar="CLIPS",
+                   help="also time the sweep of CLIPS clips: the one-clip engine clip by clip against the batched "
+                        "engine (--clips-per-batch clips per decode), per clip, with the physical limit")
+    p.add_argument("--clips-per-batch", dest="clips_per_batch", type=_at_least_one, default=8,
+                   help="clips per batched decode in the end-to-end row (default 8)")
+    p.add_argument("--naive-clips", dest="naive_clips", type=int, default=1,
+                   help="clips the naive end-to-end row runs (it is slow; 0 leaves it out)")
+    p.add_argument("--peak-probe-s", dest="peak_probe_s", type=float, default=1.0,
+                   help="seconds the CPU peak probes (matrix product, copy) may take")
     p.add_argument("--out", type=Path, default=Path("reports/bench.json"), help="JSON report to write (default reports/bench.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # the memory child's method
 
@@ -98,15 +110,23 @@ def render(report: dict[str, Any]) -> None:
               f"prompt prefix through {path}")
     for m, why in report["skipped"].items():
         con.print(f"[yellow]skipped {m}: {why}")
+    if "peaks" in report:
+        con.print(f"device peaks for the physical limit: {report['peaks']['source']}")
     for s in report["samples"]:
-        t = Table(title=f"sample {s['sample']}: {s['prompt_len']} prompt tokens (median seconds)")
+        lim = s.get("limit")
+        title = f"sample {s['sample']}: {s['prompt_len']} prompt tokens (median seconds)"
+        if lim:
+            title += (f"; physical limit {lim['seconds']:.3g} s ({lim['bound']}-bound decode: "
+                      f"{lim['step_bytes_first'] / 1e6:.1f} MB and {lim['step_flops_first'] / 1e9:.2f} GFLOP per step)")
+        t = Table(title=title)
         gpu = any("cuda_peak_above_model_mb" in v for v in s["timing"].values())
-        for col in ("method", "seconds", "x engine", "per condition", *(["GPU MB"] if gpu else [])):
+        for col in ("method", "seconds", "x engine", "x limit", "per condition", *(["GPU MB"] if gpu else [])):
             t.add_column(col, justify="right")
         for m, v in s["timing"].items():
             ratio = v["seconds"] / s["timing"]["engine"]["seconds"]
             pc = v.get("per_condition_median")
-            row = [m, f"{v['seconds']:.2f}", f"{ratio:.2f}", f"{pc:.2f}" if pc else ""]
+            xl = v.get("x_limit")
+            row = [m, f"{v['seconds']:.2f}", f"{ratio:.2f}", f"{xl:.1f}" if xl else "", f"{pc:.2f}" if pc else ""]
             t.add_row(*row, *([_mb(v.get("cuda_peak_above_model_mb"))] if gpu else []))
         con.print(t)
         exact = [m for m, v in s["timing"].items() if v["tokens_equal_engine"]]
@@ -137,6 +157,29 @@ def render(report: dict[str, Any]) -> None:
         con.print(t)
         how = {v.get("rss_how") for v in report["memory"].values()}
         con.print(f"RSS peaks by {', '.join(sorted(h for h in how if h))} (avprobe/memory.py)")
+    if "end_to_end" in report:
+        e = report["end_to_end"]
+        t = Table(title=f"end to end: the full protocol per clip ({e['conditions']} conditions x {e['max_new_tokens']} "
+                        f"tokens, flow, lens, shift {'on' if e['shift'] else 'off'}); "
+                        f"batched = {e['clips_per_batch']} clips per batch")
+        for col in ("method", "clips", "s per clip", "clips/s", "x engine", "x limit"):
+            t.add_column(col, justify="right")
+        for m, v in e["methods"].items():
+            t.add_row(m, str(v["clips"]), f"{v['seconds_per_clip']:.3f}", f"{v['clips_per_s']:.2f}",
+                      f"{v['x_engine']:.3f}" if "x_engine" in v else "1", f"{v['x_limit']:.1f}")
+        con.print(t)
+        con.print(f"physical limit per clip (s): {e['limit_per_clip_s']}; batched tokens equal the one-clip engine's: "
+                  f"{e.get('batched_tokens_equal_engine')}; naive: {e.get('naive_conditions_equal_engine_prefix', '-')}")
+    if "batch_sweep" in report:
+        b = report["batch_sweep"]
+        t = Table(title=f"the sweep of {b['clips']} clips ({b['conditions']} conditions x {b['new_tokens']} tokens, "
+                        f"prompts of {min(b['prompt_lens'])}-{max(b['prompt_lens'])} tokens), per clip")
+        for col in ("method", "s per clip", "x one-clip", "x limit"):
+            t.add_column(col, justify="right")
+        for m, v in b["methods"].items():
+            t.add_row(m, f"{v['seconds_per_clip']:.3f}", f"{v['x_one_clip']:.3f}", f"{v['x_limit']:.1f}")
+        con.print(t)
+        con.print(f"batched tokens equal the one-clip engine's for every clip and condition: {b['tokens_equal']}")
     if "flow_memory" in report:
         f = report["flow_memory"]
         key = "cuda_peak_above_model_mb" if "cuda_peak_above_model_mb" in f["engine"] else "peak_above_model_mb"

@@ -54,7 +54,7 @@ import torch
 
 import avprobe
 from avprobe.adapters.base import AdapterSettings, ModelAdapter, ModelInputs
-from avprobe.bench import FAST, METHODS, SHAPES, Shape, naive
+from avprobe.bench import FAST, METHODS, SHAPES, Shape, limits, naive
 from avprobe.conditions import Baseline, Condition, Knockout, sweep
 from avprobe.engine import EngineConfig, RunResult, run
 from avprobe.memory import PeakRSS
@@ -444,6 +444,9 @@ def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     tie_rtol = TIE_RTOL[args.dtype] if args.tie_rtol is None else args.tie_rtol
     report["tie_rtol"] = tie_rtol
+    peaks = limits.device_peaks(args.device, args.dtype, getattr(args, "peak_probe_s", 1.0))
+    cost = limits.ModelCost.of(adapter)
+    report["peaks"] = peaks.to_json()
     cuda = args.device.startswith("cuda")
     first_inputs = None
     for s in range(args.samples):
@@ -457,7 +460,10 @@ def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
         ratios = {f"{m}/engine": timing[m]["seconds"] / e for m in methods if m != "engine"}
         if "floor" in timing:
             ratios["engine/floor"] = e / timing["floor"]["seconds"]
-        row = {"sample": s, "prompt_len": mi.prompt_len, "timing": timing, "ratios": ratios,
+        lim = limits.sweep_limit(cost, peaks, mi.prompt_len, len(conds), T)
+        for v in timing.values():
+            v["x_limit"] = v["seconds"] / lim["seconds"]
+        row = {"sample": s, "prompt_len": mi.prompt_len, "timing": timing, "ratios": ratios, "limit": lim,
                # per condition, in sweep order: compares runs (--prefix-path, devices)
                "condition_labels": [c.label() for c in conds], "tokens": tokens}
         report["samples"].append(row)
@@ -489,6 +495,10 @@ def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for n in counts:
             mem[f"engine_{n}_conditions"] = measure_memory(args, "engine", args.shape, n)
         report["memory"] = mem
+    if getattr(args, "batch_sweep", 0):
+        report["batch_sweep"] = batch_sweep_row(args, shape, adapter, conds, T, peaks, cost)
+    if getattr(args, "end_to_end", 0):
+        report["end_to_end"] = end_to_end_row(args, shape, adapter, peaks, cost)
     if args.flow_memory:
         report["flow_memory"] = {
             "eager_output_attentions": measure_memory(args, "naive", "flow4k", 1, 8),
@@ -499,7 +509,12 @@ def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def failures(report: dict[str, Any]) -> list[str]:
     """The token or flow checks that failed, one message each."""
-    return [v["failed"] for row in report["samples"] for v in row["timing"].values() if "failed" in v]
+    out = [v["failed"] for row in report["samples"] for v in row["timing"].values() if "failed" in v]
+    if report.get("batch_sweep", {}).get("tokens_equal") is False:
+        out.append("batched sweep: the batched engine's tokens differ from the one-clip engine's")
+    if report.get("end_to_end", {}).get("batched_tokens_equal_engine") is False:
+        out.append("end to end: the batched engine's tokens differ from the one-clip engine's")
+    return out
 
 
 def cuda_engine_memory(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condition], T: int) -> dict[str, Any]:
@@ -510,3 +525,87 @@ def cuda_engine_memory(adapter: ModelAdapter, mi: ModelInputs, conds: list[Condi
     return {"method": "engine", "conditions": len(conds), "prompt_len": mi.prompt_len,
             "seconds": time.perf_counter() - t0, "peak_rss_mb": None, "peak_above_model_mb": None, "rss_how": "",
             "cuda_peak_above_model_mb": gpu["above_mb"], "kv_bytes": res.memory}
+
+
+def end_to_end_row(args: argparse.Namespace, shape: Shape, adapter: ModelAdapter, peaks: limits.Peaks,
+                   cost: limits.ModelCost) -> dict[str, Any]:
+    """The full protocol per clip (avprobe.bench.e2e) over `args.end_to_end` clips, with the
+    physical limit per clip: one clip alone, and a batch of clips sharing each step's weight reads.
+    The organism runs on its evaluation clips with its vision-only base; other shapes on random
+    clips with the model as its own base (the same work as a base of its size)."""
+    from avprobe.bench.e2e import end_to_end, protocol_setup
+    from avprobe.records import DEFAULT_QUERY, Protocol
+
+    n = args.end_to_end
+    queries = adapter.settings.queries or (DEFAULT_QUERY,)
+    base: ModelAdapter | None = adapter
+    if adapter.name == "organism":
+        from avprobe.adapters.registry import load
+        from avprobe.media.sources import load_sample_media
+        from avprobe.organism.dataset import eval_samples
+
+        base = load(adapter.settings.base_model, device=args.device, dtype=args.dtype) \
+            if adapter.settings.base_model else None
+        samples = eval_samples()[: (n + len(queries) - 1) // len(queries)]
+        media = [load_sample_media(s, fps=adapter.settings.fps, max_frames=adapter.settings.max_frames,
+                                   frame_rule=adapter.settings.frame_rule) for s in samples]
+    else:
+        from avprobe.testing import random_media
+
+        media = [random_media(seconds=shape.seconds, fps=shape.fps, size=shape.size, height=shape.height,
+                              seed=2000 + i) for i in range((n + len(queries) - 1) // len(queries))]
+    clips = [(m, q) for m in media for q in queries][:n]
+    protocol = Protocol(queries=tuple(queries), max_new_tokens=args.new_tokens or Protocol().max_new_tokens)
+    methods = [m for m in ("naive", "engine", "batched") if m != "naive" or args.naive_clips > 0]
+    row = end_to_end(adapter, base, clips, protocol, args.clips_per_batch, max(args.naive_clips, 1), methods)
+    conds, _ = protocol_setup(adapter, protocol)
+    P = int(statistics.median(row["prompt_lens"]))
+    one = limits.sweep_limit(cost, peaks, P, len(conds), protocol.max_new_tokens)
+    k = min(args.clips_per_batch, n)
+    many = limits.sweep_limit(cost, peaks, P, len(conds), protocol.max_new_tokens, clips=k)
+    row["limit_per_clip_s"] = {"one_clip": one["seconds"], f"{k}_clips_per_batch": many["seconds"] / k}
+    for m, v in row["methods"].items():
+        lim = many["seconds"] / k if m == "batched" else one["seconds"]
+        v["x_limit"] = v["seconds_per_clip"] / lim
+    row["base_model"] = base.name if base is not None else None
+    return row
+
+
+def batch_sweep_row(args: argparse.Namespace, shape: Shape, adapter: ModelAdapter, conds: list[Condition], T: int,
+                    peaks: limits.Peaks, cost: limits.ModelCost) -> dict[str, Any]:
+    """The sweep (the engine's settings: flow, lens, every row to T tokens) of `args.batch_sweep`
+    clips, one clip per run against `args.clips_per_batch` clips per `run_batch`, interleaved
+    in rounds (`args.repeats`, medians) so that a busy machine's drift hits both alike."""
+    from avprobe.engine import run_batch
+
+    n, k = args.batch_sweep, min(args.clips_per_batch, args.batch_sweep)
+    mis = [build_inputs(adapter, shape, 100 + i) for i in range(n)]
+    cfg = engine_config(T, prefix_path=args.prefix_path)
+    run_batch(adapter, [(mi, conds[:2]) for mi in mis[:2]], engine_config(2, prefix_path=args.prefix_path))  # warm-up
+    times: dict[str, list[float]] = {"one-clip": [], "batched": []}
+    toks: dict[str, list] = {}
+    for _ in range(args.repeats):
+        for m in times:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            if m == "one-clip":
+                res = [run(adapter, mi, conds, cfg) for mi in mis]
+            else:
+                res = [r for s in range(0, n, k) for r in run_batch(adapter, [(mi, conds) for mi in mis[s : s + k]], cfg)]
+            _sync(args.device)
+            times[m].append(time.perf_counter() - t0)
+            toks.setdefault(m, [tokens_of(r) for r in res])
+            del res
+    P = int(statistics.median(mi.prompt_len for mi in mis))
+    lim_one = limits.sweep_limit(cost, peaks, P, len(conds), T)["seconds"]
+    lim_k = limits.sweep_limit(cost, peaks, P, len(conds), T, clips=k)["seconds"] / k
+    one = statistics.median(times["one-clip"]) / n
+    rows = {}
+    for m, ts in times.items():
+        per = statistics.median(ts) / n
+        rows[m] = {"seconds_per_clip": per, "runs": ts, "x_one_clip": per / one,
+                   "x_limit": per / (lim_k if m == "batched" else lim_one)}
+    return {"clips": n, "clips_per_batch": k, "conditions": len(conds), "new_tokens": T,
+            "prompt_lens": [mi.prompt_len for mi in mis], "methods": rows,
+            "limit_per_clip_s": {"one_clip": lim_one, f"{k}_clips_per_batch": lim_k},
+            "tokens_equal": toks["batched"] == toks["one-clip"]}

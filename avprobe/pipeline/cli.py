@@ -112,9 +112,10 @@ def run_collect(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Run one process's share of the collection through `gather` (counters only); returns
     its counters and run info."""
     from avprobe.adapters import ref as make_ref
-    from avprobe.pipeline.gather import gather, load_samples
+    from avprobe.pipeline.gather import clips_per_batch, gather, load_samples
     from avprobe.store import Store
 
+    clips_per_batch(args.clips_per_batch)  # a bad value fails before any work
     experiments = parse_experiments(args.experiments)
     shard = shard_from(args.shard)
     mref = make_ref(args.model, local_files_only=not args.allow_download)
@@ -163,6 +164,7 @@ def run_collect(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             manifest_errors=manifest_errors if shard.rank == 0 else (),
             progress=not args.no_progress and shard.rank == 0,
             label=mref.name + (f" [shard {shard}]" if shard.world > 1 else ""),
+            clips_per_batch=clips_per_batch(args.clips_per_batch),
         )
     finally:
         if judge is not None:
@@ -321,6 +323,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="every failed sample's cause as JSON lines (the summary groups them; sharded: one per rank)")
     p.add_argument("--run-id", dest="run_id", metavar="ID",
                    help="identifies this run's shard summaries (default: the launcher's TORCHELASTIC_RUN_ID)")
+    p.add_argument("--clips-per-batch", dest="clips_per_batch", default="auto", metavar="N|auto",
+                   help="records computed in one batched decode (1 = the one-clip engine; default auto: by memory, "
+                        "at most 8); the records are the same")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("judge (with --experiments ...,judge)")
     g.add_argument("--judge", default=None, metavar="SPEC",

@@ -9,8 +9,11 @@ verdicts.
 from __future__ import annotations
 
 import logging
+import copy
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +21,7 @@ import numpy as np
 from avprobe.adapters.base import ModelAdapter
 from avprobe.conditions import Baseline, Condition, SpanRule
 from avprobe.media.sources import load_sample_media
+from avprobe.probes.knockout import SIGHT_WORDS, sight_rule  # noqa: F401 - re-exported (lab, tests)
 from avprobe.probes.logit_lens import LensConfig
 from avprobe.records import Protocol, SampleRecord, namespace, record_parts
 from avprobe.store import CacheMiss, Store
@@ -30,23 +34,6 @@ log = logging.getLogger(__name__)
 CLAIM_WAIT_S = 300.0
 CLAIM_POLL_S = 0.25
 
-SIGHT_WORDS = ("see", "sees", "seen", "seeing", "shows", "showing", "visible", "watch")
-
-
-def sight_rule(adapter: ModelAdapter) -> SpanRule:
-    """Generated positions in the caption's own sight clause: after a word of seeing, up to the
-    next full stop. Exact for the organisms' grammar ("i see a dog ."); a heuristic for free
-    captions ("I see a man playing guitar."), which the report says."""
-    start, end = set(), set()
-    for tok, tid in adapter.tokenizer.get_vocab().items():
-        word = adapter.tokenizer.convert_tokens_to_string([tok]).strip().lower()
-        if word in SIGHT_WORDS:
-            start.add(int(tid))
-        elif word and word.endswith(".") and len(word) <= 2:
-            end.add(int(tid))
-    return SpanRule("own-sight-words", frozenset(start), frozenset(end))
-
-
 def _condition_meta(c: Condition) -> dict[str, Any]:
     if isinstance(c, Baseline):
         return {"key": c.key(), "label": c.label(), "blocked": [], "layers": []}
@@ -58,6 +45,34 @@ def _condition_meta(c: Condition) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Prepared:
+    """One (sample, query)'s engine inputs, before the run."""
+
+    sample: Sample
+    media: Media
+    query: str
+    mi: Any
+    conditions: list[Condition]
+    config: Any
+    do_shift: bool
+
+
+def _prepare(adapter: ModelAdapter, sample: Sample, media: Media, query: str, protocol: Protocol,
+             base: ModelAdapter | None, mi: Any = None) -> _Prepared:
+    from avprobe.engine import EngineConfig
+
+    mi = adapter.build_inputs(media, query) if mi is None else mi
+    L = adapter.n_layers
+    own = protocol.own_words and protocol.knockout
+    conds = protocol.conditions(L, sight_rule(adapter) if own else None)
+    lens = LensConfig(top_k=protocol.lens_top_k, use_norm=protocol.lens_norm) if protocol.lens else None
+    do_shift = protocol.shift and base is not None and media.frames is not None
+    config = EngineConfig(max_new_tokens=protocol.max_new_tokens, lens=lens, keep_logprobs=do_shift,
+                          record_attention=protocol.flow, record_buckets=protocol.flow)
+    return _Prepared(sample, media, query, mi, conds, config, do_shift)
+
+
 def compute_record(
     adapter: ModelAdapter,
     sample: Sample,
@@ -67,20 +82,91 @@ def compute_record(
     base: ModelAdapter | None = None,
 ) -> SampleRecord:
     """Run the engine (and the base-model shift) for one sample and one query."""
-    from avprobe.engine import EngineConfig, run
+    from avprobe.engine import run
+
+    p = _prepare(adapter, sample, media, query, protocol, base)
+    res = run(adapter, p.mi, p.conditions, p.config)
+    return _record(adapter, p, res, protocol, base)
+
+
+def compute_records(
+    adapter: ModelAdapter,
+    items: list[tuple[Sample, Media, str]] | list[tuple[Sample, Media, str, Any]],
+    protocol: Protocol,
+    base: ModelAdapter | None = None,
+) -> list[SampleRecord | Exception]:
+    """`compute_record` for several (sample, media, query[, inputs]) at once: one batched decode
+    (`engine.run_batch`) of every condition of every clip, the base-model shift batched over
+    clips of one length. Returns, per item in order, its record or the exception it raised:
+    a clip that fails (its inputs, or the batch's run, which is then retried clip by clip)
+    fails alone, its batch-mates are computed all the same. One item is `compute_record`."""
+    from avprobe.engine import run, run_batch
+
+    if len(items) == 1 and len(items[0]) == 3:
+        try:
+            return [compute_record(adapter, *items[0], protocol, base)]  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - the caller turns it into this clip's failure
+            return [exc]
+    out: list[Any] = []
+    for item in items:
+        try:
+            out.append(_prepare(adapter, item[0], item[1], item[2], protocol, base, item[3] if len(item) > 3 else None))
+        except Exception as exc:  # noqa: BLE001
+            out.append(exc)
+    ready = [i for i, p in enumerate(out) if isinstance(p, _Prepared)]
+    if not ready:
+        return out
+    # One config for the batch: the base row's log-probs are kept if any clip shifts (the
+    # others ignore them; keeping them changes nothing else).
+    cfg = replace(out[ready[0]].config, keep_logprobs=any(out[i].do_shift for i in ready))
+    try:
+        results: list[Any] = run_batch(adapter, [(out[i].mi, out[i].conditions) for i in ready], cfg)
+    except Exception as exc:  # noqa: BLE001 - find the clip that fails: each alone
+        log.warning("batch of %d clips failed (%s: %s); running them one by one", len(ready), type(exc).__name__, exc)
+        results = []
+        for i in ready:
+            try:
+                results.append(run(adapter, out[i].mi, out[i].conditions, cfg))
+            except Exception as one:  # noqa: BLE001
+                results.append(one)
+    prepared = {i: out[i] for i in ready}
+    shifts = _batched_shift(base, [(prepared[i], r) for i, r in zip(ready, results) if not isinstance(r, Exception)])
+    for i, res in zip(ready, results):
+        if isinstance(res, Exception):
+            out[i] = res
+            continue
+        try:
+            out[i] = _record(adapter, prepared[i], res, protocol, base, shifts.get(id(prepared[i])))
+        except Exception as exc:  # noqa: BLE001
+            out[i] = exc
+    return out
+
+
+def _batched_shift(base: ModelAdapter | None, done: list[tuple[_Prepared, Any]]) -> dict[int, Any]:
+    """Base-model log-probs of the clips that shift, one forward per group of clips whose
+    teacher-forced sequences have one length (no padding: the values are the one-clip ones).
+    Keyed by id(prepared); a clip left out (a group of one, or a failed group) is computed by
+    `_record` alone."""
+    from avprobe.probes.base_shift import base_logprobs_batch
+
+    todo = [(p, r) for p, r in done if p.do_shift and base is not None]
+    if len(todo) < 2:
+        return {}
+    try:
+        got = base_logprobs_batch(base, [(p.media, p.query, r.outputs[0].token_ids) for p, r in todo])
+    except Exception as exc:  # noqa: BLE001 - each clip's own shift then runs alone, and fails alone
+        log.warning("batched base-model shift failed (%s: %s); shifting clip by clip", type(exc).__name__, exc)
+        return {}
+    return {id(p): lp for (p, _), lp in zip(todo, got) if lp is not None}
+
+
+def _record(adapter: ModelAdapter, p: _Prepared, res: Any, protocol: Protocol, base: ModelAdapter | None,
+            base_lp: Any = None) -> SampleRecord:
+    """The stored record of one (sample, query) from its engine result (and the shift)."""
     from avprobe.probes.base_shift import base_logprobs, shift
 
-    mi = adapter.build_inputs(media, query)
+    sample, media, query, do_shift = p.sample, p.media, p.query, p.do_shift
     L = adapter.n_layers
-    own = protocol.own_words and protocol.knockout
-    conds = protocol.conditions(L, sight_rule(adapter) if own else None)
-    lens = LensConfig(top_k=protocol.lens_top_k, use_norm=protocol.lens_norm) if protocol.lens else None
-    do_shift = protocol.shift and base is not None and media.frames is not None
-    res = run(
-        adapter, mi, conds,
-        EngineConfig(max_new_tokens=protocol.max_new_tokens, lens=lens, keep_logprobs=do_shift,
-                     record_attention=protocol.flow, record_buckets=protocol.flow),
-    )
     arrays: dict[str, np.ndarray] = {}
     cmeta = []
     mean_flows = []
@@ -106,7 +192,7 @@ def compute_record(
     shift_meta = None
     if do_shift:
         caption = base_out.token_ids
-        blp = base_logprobs(base, media, query, caption)
+        blp = base_lp if base_lp is not None else base_logprobs(base, media, query, caption)
         sr = shift(res.logprobs, blp, caption)
         arrays["shift_kl"] = sr.kl.astype(np.float32)
         arrays["shift_top1_same"] = sr.top1_same
@@ -155,6 +241,7 @@ def collect(
     media_loader: Callable[[Sample], Media] | None = None,
     refresh: bool = False,
     on_progress: Callable[[Sample, str], None] | None = None,
+    clips_per_batch: int | None = 1,
 ) -> Iterator[SampleRecord | SampleError | CacheMiss]:
     """Yield one record per (sample, query), from the store or computed and stored.
 
@@ -166,7 +253,15 @@ def collect(
     Each computed key is claimed first (`Store.claim`): a key another live worker is computing
     is skipped and taken from the store at the end (or computed, if that worker dropped it or
     still holds it after `CLAIM_WAIT_S`), so concurrent runs on one store compute each key once.
+
+    `clips_per_batch`: how many (sample, query) records are computed in one batched decode
+    (`compute_records`); 1 is the one-clip engine (`compute_record`), None chooses by memory
+    (`auto_clips_per_batch`, measured on the first record computed alone). Either way a worker
+    thread loads the next batch's media (batched: and builds its inputs) while the model runs
+    the current one. The records are the same.
     """
+    if clips_per_batch is not None and clips_per_batch < 1:
+        raise ValueError(f"clips_per_batch must be at least 1 (or None: by memory), got {clips_per_batch}")
     adapter = model if isinstance(model, ModelAdapter) else None
     base = None
     base_loaded = False
@@ -209,41 +304,167 @@ def collect(
         rec = store.get(ns, parts)
         return SampleRecord(rec.meta, dict(rec.arrays)) if rec is not None else None
 
-    for sample in samples:
-        media = None
-        for query in protocol.queries:
-            parts = record_parts(model, sample, query, protocol)
-            if not refresh:
-                rec = store.get(ns, parts)
-                if rec is not None:
+    def ensure_models() -> None:
+        nonlocal adapter, base, base_loaded
+        if adapter is None:
+            if get_adapter is None:
+                raise ValueError("collect needs get_adapter to compute missing records of a ModelRef")
+            adapter = get_adapter()
+        if not base_loaded:
+            base = get_base() if get_base is not None else None
+            base_loaded = True
+
+    def load_media(sample: Sample) -> Media:
+        assert adapter is not None
+        if media_loader is not None:
+            return media_loader(sample)
+        return load_sample_media(sample, fps=adapter.settings.fps, max_frames=adapter.settings.max_frames,
+                                 frame_rule=adapter.settings.frame_rule)
+
+    # The worker thread's own adapter view: build_inputs with its own tokenizer copy (a Rust
+    # tokenizer must not be borrowed by two threads at once); the model is shared, unused there.
+    worker_adapter: list[Any] = []
+    last_media: dict[str, Any] = {}  # the worker's: the last sample's media, for its next query
+
+    def prepare(batch: list[tuple[Sample, str, dict[str, Any]]], build: bool) -> list[tuple[Any, Any]]:
+        """In the worker: per item (media or the exception decoding raised, inputs or None)."""
+        if build and not worker_adapter:
+            worker_adapter.append(copy.copy(adapter))
+            worker_adapter[0].tokenizer = copy.deepcopy(adapter.tokenizer)
+        # a sample's queries share its media, across batches too (the last sample's is kept)
+        media_of: dict[str, Any] = dict(last_media)
+        out = []
+        for sample, query, _ in batch:
+            if sample.id not in media_of:
+                try:
+                    media_of[sample.id] = load_media(sample)
+                except Exception as exc:  # noqa: BLE001 - this sample's decode failure
+                    media_of[sample.id] = exc
+            media, mi = media_of[sample.id], None
+            if build and not isinstance(media, Exception):
+                try:
+                    mi = worker_adapter[0].build_inputs(media, query)
+                except Exception:  # noqa: BLE001 - left to the engine's own call, which reports it
+                    mi = None
+            out.append((media, mi))
+        last_media.clear()
+        if batch:
+            last_media[batch[-1][0].id] = media_of[batch[-1][0].id]
+        return out
+
+    def finish(batch: list[tuple[Sample, str, dict[str, Any]]], prepared: list[tuple[Any, Any]],
+               batched: bool) -> Iterator[SampleRecord | SampleError]:
+        """Compute, store and yield one prepared batch (claims released whatever happens)."""
+        try:
+            todo = [(i, sample, query, media, mi) for i, ((sample, query, _), (media, mi)) in
+                    enumerate(zip(batch, prepared)) if not isinstance(media, Exception)]
+            got: dict[int, Any] = {}
+            if batched and todo:
+                items = [(s, m, q, mi) if mi is not None else (s, m, q) for _, s, q, m, mi in todo]
+                for (i, *_), r in zip(todo, compute_records(adapter, items, protocol, base)):
+                    got[i] = r
+            for (i, sample, query, media, _) in todo if not batched else ():
+                try:
+                    got[i] = compute_record(adapter, sample, media, query, protocol, base)
+                except Exception as exc:  # noqa: BLE001 - one bad sample must not end the run
+                    got[i] = exc
+            for i, ((sample, query, parts), (media, _)) in enumerate(zip(batch, prepared)):
+                claimed.pop(_key(parts), None)
+                if sample.id in failed:  # as ever: a failed sample's other queries are not kept
+                    store.release(ns, parts)
+                    continue
+                r = got.get(i, media)
+                try:
+                    if isinstance(r, Exception):
+                        r = SampleError(sample.id, "decode" if isinstance(media, Exception) else "engine",
+                                        sample.video or sample.audio, f"{type(r).__name__}: {r}")
+                        log.warning("sample %s failed: %s", sample.id, r.reason)
+                        failed.add(sample.id)
+                    else:
+                        store.put(ns, parts, r.meta, r.arrays)
+                finally:
+                    store.release(ns, parts)
+                if on_progress:
+                    on_progress(sample, "failed" if isinstance(r, SampleError) else "computed")
+                yield r
+        finally:
+            for _, _, parts in batch:
+                if claimed.pop(_key(parts), None) is not None:
+                    store.release(ns, parts)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avprobe-prefetch")
+    claimed: dict[str, dict[str, Any]] = {}
+    inflight: tuple[list, Future, bool] | None = None
+    n_batch = clips_per_batch
+
+    def advance(batch: list[tuple[Sample, str, dict[str, Any]]]) -> Iterator[SampleRecord | SampleError]:
+        """Hand `batch` to the worker, then compute the batch handed over before (so the two
+        overlap); an empty batch drains."""
+        nonlocal inflight
+        nxt = (batch, pool.submit(prepare, batch, (n_batch or 1) > 1), (n_batch or 1) > 1) if batch else None
+        if inflight is not None:
+            done, fut, batched = inflight
+            inflight = None
+            yield from finish(done, fut.result(), batched)
+        inflight = nxt
+
+    batch: list[tuple[Sample, str, dict[str, Any]]] = []
+    try:
+        for sample in samples:
+            for query in protocol.queries:
+                parts = record_parts(model, sample, query, protocol)
+                if not refresh:
+                    rec = store.get(ns, parts)
+                    if rec is not None:
+                        if on_progress:
+                            on_progress(sample, "cached")
+                        yield SampleRecord(rec.meta, dict(rec.arrays))
+                        continue
+                if store.readonly:
+                    # Counted by the caller, so one message can say how many are missing.
+                    if on_progress:
+                        on_progress(sample, "missing")
+                    yield CacheMiss(ns, parts, store.path(ns, parts, arrays=True), readonly=True)
+                    continue
+                seen = _entry_id(store, ns, parts) if refresh else None  # a miss was just seen otherwise
+                if not store.claim(ns, parts):
+                    deferred.append((sample, query, parts, seen))  # another worker computes it: later
+                    continue
+                got = written(parts, seen)  # the holder before us may have finished just now
+                if got is not None:
+                    store.release(ns, parts)
                     if on_progress:
                         on_progress(sample, "cached")
-                    yield SampleRecord(rec.meta, dict(rec.arrays))
+                    yield got
                     continue
-            if store.readonly:
-                # Counted by the caller, so one message can say how many are missing.
-                if on_progress:
-                    on_progress(sample, "missing")
-                yield CacheMiss(ns, parts, store.path(ns, parts, arrays=True), readonly=True)
-                continue
-            seen = _entry_id(store, ns, parts) if refresh else None  # a miss was just seen otherwise
-            if not store.claim(ns, parts):
-                deferred.append((sample, query, parts, seen))  # another worker computes it: later
-                continue
-            got = written(parts, seen)  # the holder before us may have finished just now
-            if got is not None:
-                store.release(ns, parts)
-                if on_progress:
-                    on_progress(sample, "cached")
-                yield got
-                continue
-            item, media = compute(sample, parts, query, media)
-            if on_progress:
-                on_progress(sample, "failed" if isinstance(item, SampleError) else "computed")
-            yield item
-            if isinstance(item, SampleError):
-                failed.add(sample.id)
-                break
+                claimed[_key(parts)] = parts
+                try:
+                    ensure_models()
+                except BaseException:
+                    store.release(ns, parts)
+                    claimed.pop(_key(parts), None)
+                    raise
+                batch.append((sample, query, parts))
+                if n_batch is None:  # by memory: the first record alone, measured, sets the size
+                    first = batch
+                    batch = []
+                    yield from advance(first)
+                    yield from advance([])
+                    kv = first_clip_bytes(store, ns, first[0][2], adapter, protocol)
+                    if kv is not None:  # else (it failed) the next record is measured alone
+                        n_batch = auto_clips_per_batch(adapter, protocol, kv)
+                        log.info("clips per batch (by memory): %d", n_batch)
+                elif len(batch) >= n_batch:
+                    full, batch = batch, []
+                    yield from advance(full)
+        yield from advance(batch)
+        batch = []
+        yield from advance([])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for parts in claimed.values():  # a run stopped early: give back what it never computed
+            store.release(ns, parts)
+        claimed.clear()
 
     # Keys other workers held: take each from the store once written; compute it if its claim
     # was dropped without an entry (the worker failed) or is still held after CLAIM_WAIT_S.
@@ -284,3 +505,67 @@ def _entry_id(store: Store, ns: str, parts: dict[str, Any]) -> tuple[int, int] |
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns
+
+
+def _key(parts: dict[str, Any]) -> str:
+    return repr(sorted(parts.items()))
+
+
+# The batch size chosen by memory (clips_per_batch=None): the clips of one batch hold, each,
+# their prompt keys and values and their rows' suffixes (RunResult.memory, measured on the
+# first record), plus activations of the same order; the batch may take AUTO_MEMORY_SHARE of
+# the memory available on the model's device, and at most AUTO_MAX_CLIPS clips (beyond that
+# the per-step costs a batch shares are already small against the per-clip work).
+AUTO_MEMORY_SHARE = 0.25
+AUTO_MAX_CLIPS = 8
+AUTO_OVERHEAD = 4.0  # activations, scores and recording buffers per byte of K/V (measured ~2-3x)
+
+
+def first_clip_bytes(store: Store, ns: str, parts: dict[str, Any], adapter: ModelAdapter,
+                     protocol: Protocol) -> int | None:
+    """The decode's key/value bytes for the record just computed (from its prompt length and
+    condition count: `clip_kv_bytes`), or None if it was not stored (it failed)."""
+    rec = store.get(ns, parts)
+    if rec is None:
+        return None
+    return clip_kv_bytes(adapter, int(rec.meta["prompt_len"]), len(rec.meta["conditions"]), protocol.max_new_tokens)
+
+
+def clip_kv_bytes(adapter: ModelAdapter, prompt_len: int, n_conditions: int, max_new_tokens: int) -> int:
+    """Keys and values one clip's decode holds (engine.RunResult.memory, prefix + suffix): every
+    layer's prompt prefix once, and each row's own max_new_tokens + 1 suffix positions."""
+    import torch
+
+    tc = adapter.text_config
+    kvh = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    d = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    elt = torch.empty((), dtype=adapter.dtype).element_size()
+    positions = (prompt_len - 1) + n_conditions * (max_new_tokens + 1)
+    return 2 * adapter.n_layers * kvh * d * elt * positions
+
+
+def available_memory(device: Any) -> int | None:
+    """Bytes free on `device`: the GPU's free memory, or the host's MemAvailable."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def auto_clips_per_batch(adapter: ModelAdapter, protocol: Protocol, clip_bytes: int | None) -> int:
+    """Clips per batch by memory: AUTO_MEMORY_SHARE of the free memory over one clip's decode
+    state (its K/V bytes x AUTO_OVERHEAD), between 1 and AUTO_MAX_CLIPS. Unknown sizes: 1."""
+    free = available_memory(adapter.device)
+    if not clip_bytes or not free:
+        return 1
+    return max(1, min(AUTO_MAX_CLIPS, int(free * AUTO_MEMORY_SHARE // (clip_bytes * AUTO_OVERHEAD))))

@@ -74,6 +74,23 @@ def load_samples(spec: str, limit: int | None = None) -> tuple[list[Sample], lis
     return limit_balanced(samples, limit), errors
 
 
+def clips_per_batch(spec: str | int | None) -> int | None:
+    """`--clips-per-batch`: a positive count, or `auto` (None: chosen by memory, see
+    `collect.auto_clips_per_batch`). Anything else is refused before any work."""
+    if spec is None or isinstance(spec, int) and not isinstance(spec, bool):
+        n = spec
+    elif str(spec).strip().lower() == "auto":
+        return None
+    else:
+        try:
+            n = int(str(spec))
+        except ValueError:
+            raise ValueError(f"--clips-per-batch {spec!r}: write a positive number of clips or auto") from None
+    if n is not None and n < 1:
+        raise ValueError(f"--clips-per-batch must be at least 1 (1 = the one-clip engine) or auto, got {n}")
+    return n
+
+
 # ---- counters ---------------------------------------------------------------------------
 
 @dataclass
@@ -169,6 +186,8 @@ class CollectCounts:
 
 FidelityKey = tuple[str, str, str]  # (sample id, query, condition key)
 
+
+_clips_per_batch = clips_per_batch  # for callers whose parameter has its name (gather_evidence)
 
 def judge_items(record: SampleRecord) -> Iterable[tuple[FidelityKey, int, Any]]:
     """(key, 0 audio | 1 video, JudgeItem) for every condition's caption of a record, against
@@ -336,6 +355,7 @@ def gather(
     label: str | None = None,
     collect_command: str | None = None,
     on_failure: Callable[[SampleError], None] | None = None,
+    clips_per_batch: int | None = 1,
 ) -> GatherResult:
     """Records of `samples` from `store` (computing misses), judged by `judge` (if any).
 
@@ -343,7 +363,9 @@ def gather(
     (`base_model`, for the shift) with them. `keep=False` keeps counters only (memory flat over
     any number of samples: the CLI); `keep=True` keeps records and fidelities (the claims).
     With a read-only store every miss is counted and one `GatherError` says how many results
-    are missing and which command computes them (`collect_command`).
+    are missing and which command computes them (`collect_command`). `clips_per_batch`: records
+    computed in one batched decode (1: the one-clip engine; None: chosen by memory; see
+    `collect.collect`); the records are the same either way.
     """
     from avprobe.pipeline.collect import collect
     from avprobe.store import CacheMiss
@@ -396,7 +418,7 @@ def gather(
                 bar.sample_done()
 
         for item in collect(ref, samples, store, protocol, get_adapter=get_adapter, get_base=get_base,
-                            refresh=refresh, on_progress=on_progress):
+                            refresh=refresh, on_progress=on_progress, clips_per_batch=clips_per_batch):
             if isinstance(item, CacheMiss):  # counted by on_progress
                 continue
             if isinstance(item, SampleError):
@@ -436,12 +458,14 @@ def gather_evidence(
     allow_download: bool = False,
     refresh: bool = False,
     quiet: Callable[[], Any] | None = None,
+    clips_per_batch: str | int = 1,
 ) -> Any:
     """One model's judged `Evidence`, the way the claims suite reads it: the pytest plugin and
     `avprobe report` (offline, from claims.json's run settings) both call this, so a report
     redrawn later reads exactly the results the claims read. `samples` is a spec for
     `load_samples` (default: the organism evaluation set), unless `loaded_samples` are given;
-    `quiet` is a context manager factory wrapped around the work (the plugin's uncapture)."""
+    `quiet` is a context manager factory wrapped around the work (the plugin's uncapture);
+    `clips_per_batch` ("auto" or N) is how many clips a computed batch decodes together."""
     import contextlib
     from pathlib import Path
 
@@ -470,7 +494,8 @@ def gather_evidence(
         with (quiet() if quiet is not None else contextlib.nullcontext()):
             result = gather(ref, sample_list, store, protocol, judge=judge_obj, base_model=base, device=device,
                             dtype=dtype, allow_download=allow_download, refresh=refresh, keep=True,
-                            manifest_errors=bad_rows, label=f"{model}: collecting", collect_command=cmd)
+                            manifest_errors=bad_rows, label=f"{model}: collecting", collect_command=cmd,
+                            clips_per_batch=_clips_per_batch(clips_per_batch))
     finally:
         close = getattr(judge_obj, "close", None)
         if close is not None:

@@ -10,6 +10,8 @@ duration of one forward, decides what it does:
   are held once ([1, kv_heads, P, d]) and every row attends to them through one matrix
   product per layer; each row keeps only its own generated suffix. Knockout masks are
   per row and per layer; the attention mass per role is recorded for every row.
+- `GroupedPrefixDecode`: the rows of several clips in one decode step, each clip's block of
+  rows attending through that clip's own `SharedPrefixDecode` (its own prefix, held once).
 - `ReferenceKnockout`: the straightforward protocol, used by the reference decode and the
   benchmarks' "careful naive": full keys from HF's cache, a boolean mask per layer, sdpa.
 
@@ -477,6 +479,43 @@ class SharedPrefixDecode:
                 s = s.masked_fill(out_of_window, float("-inf"))
             p_dense = torch.exp(s - lse_b[..., None])
         return p_dense.mean(dim=(0, 1)).to(self.buckets.dtype) @ self.buckets
+
+
+class GroupedPrefixDecode:
+    """One decode step of several clips' rows: a grouped shared prefix.
+
+    `sessions`: one `SharedPrefixDecode` per clip, in the order of the clips' row blocks in the
+    batch (clip c's rows are a contiguous block of `sessions[c].B` rows). The model's layers
+    run once over all rows; the attention of each block is its own clip's session over its
+    own prompt keys and values (held once per clip) and its rows' suffixes, exactly as that
+    clip decoded alone would compute it. The per-clip prefixes differ in length and role
+    layout, so their attention is one session call per clip: a dozen kernels per clip and
+    layer, while the projections and MLPs (most of a step) are shared by all clips.
+    """
+
+    def __init__(self, sessions: list[SharedPrefixDecode]) -> None:
+        if not sessions:
+            raise ValueError("no sessions to group")
+        self.sessions = sessions
+        bounds = [0]
+        for s in sessions:
+            bounds.append(bounds[-1] + s.B)
+        self.spans = list(zip(bounds[:-1], bounds[1:]))
+        self.B = bounds[-1]
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held for the clips' prefixes (one per clip) and all rows' suffixes."""
+        parts = [s.memory_bytes() for s in self.sessions]
+        return {k: sum(p[k] for p in parts) for k in ("prefix", "suffix")}
+
+    def attend(self, module, q, k, v, mask, scale, kwargs):
+        if q.shape[0] != self.B:
+            raise RuntimeError(f"GroupedPrefixDecode expects {self.B} rows, got {tuple(q.shape)}")
+        outs = []
+        for s, (a, b) in zip(self.sessions, self.spans):
+            m = mask[a:b] if torch.is_tensor(mask) and mask.shape[0] == self.B else mask
+            outs.append(s.attend(module, q[a:b], k[a:b], v[a:b], m, scale, kwargs))
+        return torch.cat(outs, 0)
 
 
 class ReferenceKnockout:

@@ -10,6 +10,7 @@ so the AV side costs no extra pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,3 +76,35 @@ def shift(av_logprobs: torch.Tensor, base_lp: torch.Tensor, caption_ids: list[in
         in_base_top3=(base_top3 == ids[:, None]).any(-1).numpy(),
         base_top1=bs.argmax(-1).numpy(),
     )
+
+
+@torch.no_grad()
+def base_logprobs_batch(
+    base: ModelAdapter, items: list[tuple[Media, str, list[int]]]
+) -> list[torch.Tensor | None]:
+    """`base_logprobs` for several (media, query, caption ids): clips whose teacher-forced
+    sequences have one length (and one media layout) share one forward, without padding, so
+    each clip's values are its own forward's. Returns per item its [T, V] log-probs, or None
+    where the item had no partner of its length (the caller computes it alone)."""
+    full: list[tuple[int, int, Any]] = []  # (P, T, inputs) per item
+    for media, query, caption in items:
+        mi = base.build_inputs(Media(frames=media.frames, fps=media.fps, waveform=None), query)
+        T = len(caption)
+        full.append((mi.prompt_len, T, extend_inputs(base, mi, list(caption[:-1])) if T > 1 else mi))
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, _, mi) in enumerate(full):
+        # one layout: every input's shape, and the small ones' values (the video grid)
+        shapes = tuple((k, tuple(v.shape), tuple(v.flatten().tolist()) if v.numel() <= 16 else ())
+                       for k, v in sorted(mi.inputs.items()) if torch.is_tensor(v))
+        groups.setdefault(shapes, []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        kw = {k: (v.to(base.device) if torch.is_tensor(v) else v)
+              for k, v in base.collate([full[i][2] for i in idx]).items()}
+        logits = base.model(**kw, use_cache=False).logits
+        for row, i in enumerate(idx):
+            P, T, _ = full[i]
+            out[i] = torch.log_softmax(logits[row, P - 1 : P - 1 + T].float(), dim=-1).cpu()
+    return out

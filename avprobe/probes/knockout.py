@@ -8,7 +8,9 @@ receive exactly zero attention (their scores are -inf before the softmax).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -74,6 +76,40 @@ class RuleTracker:
         return picked
 
 
+SIGHT_WORDS = ("see", "sees", "seen", "seeing", "shows", "showing", "visible", "watch")
+
+
+# one rule per tokenizer: reading a 150k vocabulary per clip would cost a second a clip
+_SIGHT_RULES: weakref.WeakKeyDictionary[Any, SpanRule] = weakref.WeakKeyDictionary()
+
+
+def sight_rule(adapter: Any) -> SpanRule:
+    """Generated positions in the caption's own sight clause: after a word of seeing, up to the
+    next full stop. Exact for the organisms' grammar ("i see a dog ."); a heuristic for free
+    captions ("I see a man playing guitar."), which the report says."""
+    try:
+        return _SIGHT_RULES[adapter.tokenizer]
+    except (KeyError, TypeError):  # TypeError: a tokenizer that takes no weak reference
+        pass
+    rule = _sight_rule(adapter)
+    try:
+        _SIGHT_RULES[adapter.tokenizer] = rule
+    except TypeError:
+        pass
+    return rule
+
+
+def _sight_rule(adapter: Any) -> SpanRule:
+    start, end = set(), set()
+    for tok, tid in adapter.tokenizer.get_vocab().items():
+        word = adapter.tokenizer.convert_tokens_to_string([tok]).strip().lower()
+        if word in SIGHT_WORDS:
+            start.add(int(tid))
+        elif word and word.endswith(".") and len(word) <= 2:
+            end.add(int(tid))
+    return SpanRule("own-sight-words", frozenset(start), frozenset(end))
+
+
 def reference_masks(condition: Condition, n_layers: int) -> tuple[list[frozenset[int]], frozenset[int]]:
     """(blocked role ids per layer, layers where rule-picked positions are blocked)."""
     blocked: list[frozenset[int]] = []
@@ -88,4 +124,4 @@ def reference_masks(condition: Condition, n_layers: int) -> tuple[list[frozenset
     return blocked, rule_layers
 
 
-__all__ = ["RowMasks", "RuleTracker", "build_masks", "reference_masks", "Role"]
+__all__ = ["SIGHT_WORDS", "RowMasks", "RuleTracker", "Role", "build_masks", "reference_masks", "sight_rule"]

@@ -1,0 +1,180 @@
+"""Cross-clip batching (`engine.run_batch`): several prompts of different lengths and layouts,
+each with its own prefix, decoded as one batch, give each clip the one-clip engine's result.
+
+Exactness: the batched decode runs the model's projections over all clips' rows at once, so
+its results equal the one-clip engine's bit for bit wherever the CPU kernels are batch-invariant.
+On this torch (MKL sgemm, AVX-512) they are for the Qwen2.5 families with the protocol's row
+counts (>= 16 conditions per clip): those are compared exactly. Two things break invariance
+and are compared to float32 rounding instead (the tokens still exactly): a mixture of experts
+(Qwen3-Omni) multiplies each expert's own token group, whose size depends on the batch; and an
+elementwise kernel computes a tensor's last few elements with its scalar code, so a width that
+is not a multiple of the vector length (the tiny Gemma 4's 8-wide per-layer inputs) rounds the
+last row differently once other clips' rows follow it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+from avprobe.conditions import Baseline, Knockout, SpanRule, sweep
+from avprobe.engine import EngineConfig, run, run_batch
+from avprobe.probes.logit_lens import LensConfig
+from avprobe.testing import random_media, tiny_adapter
+from avprobe.types import Role
+
+FAMILIES = ["qwen2_5_omni", "qwen2_5_vl", "qwen3_omni", "gemma4"]
+EXACT = {"qwen2_5_omni", "qwen2_5_vl"}  # batch-invariant kernels here (see the docstring)
+QUERIES = ["describe what you see and hear", "what do you hear", "describe"]
+
+
+@lru_cache(maxsize=None)
+def _adapter(family: str):
+    return tiny_adapter(family, n_layers=4, seed=0)
+
+
+@lru_cache(maxsize=None)
+def _clips(family: str):
+    """Three prompts of different lengths (2, 3, 4 s of media) and queries."""
+    a = _adapter(family)
+    return tuple(a.build_inputs(random_media(seconds=s, fps=1.0, seed=i), q)
+                 for i, (s, q) in enumerate(zip((2.0, 3.0, 4.0), QUERIES)))
+
+
+def _conditions(family: str, n_layers: int = 4) -> list:
+    """The protocol's kind of sweep: >= 16 rows, knockouts of every prompt role in windows."""
+    roles = [Role.VIDEO, Role.QUERY] if family == "qwen2_5_vl" else [Role.VIDEO, Role.AUDIO]
+    conds = [Baseline(), *[c for r in roles for w in (1, 2, 3) for c in sweep(r, n_layers, w)]]
+    return list(dict.fromkeys(conds))
+
+
+def assert_same_result(a, b, exact: bool) -> None:
+    """Two RunResults of one clip: tokens always equal; arrays equal (exact) or to 1e-5."""
+    def same(x, y, what):
+        if x is None or y is None:
+            assert x is None and y is None, what
+            return
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if exact:
+            assert np.array_equal(x, y), f"{what}: largest difference {np.abs(x - y).max():.3g}"
+        else:
+            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=what)
+
+    assert a.prompt_len == b.prompt_len and a.bucket_labels == b.bucket_labels
+    assert np.array_equal(a.roles, b.roles)
+    for x, y in zip(a.outputs, b.outputs, strict=True):
+        assert x.condition == y.condition
+        assert x.token_ids == y.token_ids, x.condition.label()
+        assert x.text == y.text and x.finished == y.finished
+        same(x.flow, y.flow, f"flow of {x.condition.label()}")
+    same(a.bucket_flow, b.bucket_flow, "bucket flow")
+    same(None if a.logprobs is None else a.logprobs.numpy(), None if b.logprobs is None else b.logprobs.numpy(),
+         "logprobs")
+    if a.lens is not None or b.lens is not None:
+        assert np.array_equal(a.lens.top_ids, b.lens.top_ids)
+        same(a.lens.top_probs, b.lens.top_probs, "lens probabilities")
+    if a.topk is not None or b.topk is not None:
+        for x, y in zip(a.topk, b.topk, strict=True):
+            same(x.numpy(), y.numpy(), "top-k logits")
+    assert a.memory == b.memory and a.prefix_path == b.prefix_path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_one_clip_engine(family):
+    adapter, mis = _adapter(family), _clips(family)
+    assert len({mi.prompt_len for mi in mis}) == 3, "the clips must differ in length"
+    conds = _conditions(family)
+    cfg = EngineConfig(max_new_tokens=6, lens=LensConfig(), keep_logprobs=True, keep_topk=3)
+    singles = [run(adapter, mi, conds, cfg) for mi in mis]
+    batched = run_batch(adapter, [(mi, conds) for mi in mis], cfg)
+    assert len(batched) == 3
+    for s, b in zip(singles, batched):
+        assert_same_result(s, b, exact=family in EXACT)
+    # the clips really differ (a batch that mixed them up could not pass the check above)
+    assert singles[0].outputs[0].token_ids != singles[1].outputs[0].token_ids or \
+        not np.array_equal(singles[0].outputs[0].flow, singles[1].outputs[0].flow)
+
+
+def test_batch_with_different_conditions_rules_and_the_fused_path():
+    """Clips with their own condition lists (a caption-word rule in one), on the fused CPU
+    prefix kernel: each clip as the one-clip engine gives it."""
+    adapter, mis = _adapter("qwen2_5_omni"), _clips("qwen2_5_omni")
+    base = _conditions("qwen2_5_omni")
+    first = run(adapter, mis[1], [Baseline()], EngineConfig(max_new_tokens=6)).outputs[0].token_ids
+    rule = SpanRule("own-words", start_ids=frozenset({first[0]}), end_ids=frozenset())
+    lists = [base, [*base[:12], Knockout((rule,), (0, 1, 2, 3)), Knockout((Role.VIDEO, rule), (1, 2)),
+                    *base[12:]], list(reversed(base))]
+    for path in ("fused", "dense"):
+        cfg = EngineConfig(max_new_tokens=6, prefix_path=path)
+        singles = [run(adapter, mi, c, cfg) for mi, c in zip(mis, lists)]
+        batched = run_batch(adapter, list(zip(mis, lists)), cfg)
+        for s, b in zip(singles, batched):
+            assert b.prefix_path == path
+            # the fused kernel's own blocking differs from the dense products: exact per path
+            assert_same_result(s, b, exact=True)
+
+
+def test_batch_with_eos_at_different_steps(monkeypatch):
+    """Clips whose rows end at different steps: a finished clip leaves the batch, the others
+    go on, and every clip's tokens, flows and step counts are the one-clip engine's."""
+    adapter, mis = _adapter("qwen2_5_omni"), _clips("qwen2_5_omni")
+    conds = _conditions("qwen2_5_omni")
+    free = [run(adapter, mi, conds, EngineConfig(max_new_tokens=10)) for mi in mis]
+    # End-of-sequence := a token the first clip's baseline emits at step 2 (the others may
+    # emit it elsewhere or never): rows now end at different steps in different clips.
+    stop = free[0].outputs[0].token_ids[2]
+    monkeypatch.setattr(type(adapter), "eos_ids", property(lambda self: {stop}))
+    cfg = EngineConfig(max_new_tokens=10, keep_logprobs=True)
+    singles = [run(adapter, mi, conds, cfg) for mi in mis]
+    lengths = {len(o.token_ids) for s in singles for o in s.outputs}
+    assert len(lengths) > 1 and min(lengths) <= 3, f"rows must end at different steps: {lengths}"
+    assert any(o.finished for s in singles for o in s.outputs)
+    batched = run_batch(adapter, [(mi, conds) for mi in mis], cfg)
+    for s, b in zip(singles, batched):
+        assert_same_result(s, b, exact=True)
+
+
+def test_prefix_memory_is_per_clip_not_per_condition():
+    """The batch holds each clip's prompt keys and values once: a clip's prefix bytes are the
+    same alone or beside others, whatever the condition count, and the batch's prefix memory
+    is the sum over its clips (linear in clips, constant in conditions)."""
+    adapter, mis = _adapter("qwen2_5_omni"), _clips("qwen2_5_omni")
+    cfg = EngineConfig(max_new_tokens=4, suppress_eos=True)
+    few = [Baseline()]
+    many = _conditions("qwen2_5_omni")
+    alone = [run(adapter, mi, few, cfg).memory["prefix"] for mi in mis]
+    assert len(set(alone)) == 3 and min(alone) > 0  # the clips' prefixes differ in length
+    for conds in (few, many):
+        one = run_batch(adapter, [(mis[0], conds)], cfg)
+        three = run_batch(adapter, [(mi, conds) for mi in mis], cfg)
+        assert one[0].memory["prefix"] == alone[0]
+        assert [r.memory["prefix"] for r in three] == alone
+        assert sum(r.memory["prefix"] for r in three) == sum(alone)
+        assert [r.memory["suffix"] for r in three] == [len(conds) * run(adapter, mis[0], few, cfg).memory["suffix"]] * 3
+
+
+def test_grouped_session_memory_sums_its_clips():
+    from avprobe.probes import attention as attn
+
+    k = {0: torch.zeros(1, 2, 10, 4)}
+    s1 = attn.SharedPrefixDecode(k, k, 3, 2, [None], [None], [None], torch.zeros(10, dtype=torch.long), 0)
+    k2 = {0: torch.zeros(1, 2, 30, 4)}
+    s2 = attn.SharedPrefixDecode(k2, k2, 5, 2, [None], [None], [None], torch.zeros(30, dtype=torch.long), 0)
+    g = attn.GroupedPrefixDecode([s1, s2])
+    assert g.B == 8 and g.spans == [(0, 3), (3, 8)]
+    assert g.memory_bytes()["prefix"] == s1.memory_bytes()["prefix"] + s2.memory_bytes()["prefix"] == 2 * 2 * 40 * 4 * 4
+    with pytest.raises(ValueError, match="no sessions"):
+        attn.GroupedPrefixDecode([])
+
+
+def test_run_batch_rejects_bad_input():
+    adapter, mis = _adapter("qwen2_5_omni"), _clips("qwen2_5_omni")
+    with pytest.raises(ValueError, match="no clips"):
+        run_batch(adapter, [])
+    with pytest.raises(ValueError, match="no conditions"):
+        run_batch(adapter, [(mis[0], [Baseline()]), (mis[1], [])])
+    with pytest.raises(ValueError, match="distinct"):
+        run_batch(adapter, [(mis[0], [Baseline(), Baseline()])])

@@ -117,7 +117,7 @@ def run(
         raise ValueError("no conditions to run")
     if len(set(conditions)) != len(conditions):
         raise ValueError("conditions must be distinct")
-    with attn.installed(adapter.model):
+    with attn.installed(adapter.model), adapter.prompt_scope(mi, config.max_new_tokens):
         return _run(adapter, mi, conditions, config)
 
 
@@ -240,7 +240,7 @@ def reference_decode(
 ) -> tuple[list[int], attn.ReferenceKnockout]:
     """One condition, decoded the straightforward way: full prompt forward with the
     knockout mask on generated rows, then one token at a time with HF's cache."""
-    with attn.installed(adapter.model):
+    with attn.installed(adapter.model), adapter.prompt_scope(mi, max_new_tokens):
         return _reference_decode(adapter, mi, condition, max_new_tokens, record)
 
 

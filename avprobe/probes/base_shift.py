@@ -52,7 +52,8 @@ def base_logprobs(
     if positions is not None:
         full.positions = positions
     kw = base.forward_kwargs(full)
-    out = base.model(**kw, use_cache=False)
+    with base.prompt_scope(mi, T):  # the state a generate() from this prompt would hold
+        out = base.model(**kw, use_cache=False)
     logits = out.logits[0, P - 1 : P - 1 + T].float()
     return torch.log_softmax(logits, dim=-1).cpu()
 

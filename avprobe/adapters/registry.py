@@ -22,6 +22,7 @@ import torch
 
 from avprobe.adapters.base import AdapterSettings, ModelAdapter
 from avprobe.adapters.gemma4 import Gemma4Adapter
+from avprobe.adapters.phi4_multimodal import Phi4MultimodalAdapter
 from avprobe.adapters.qwen2_5_omni import OmniThinkerAdapter
 from avprobe.adapters.qwen2_5_vl import QwenVLAdapter
 from avprobe.adapters.qwen3_omni import Qwen3OmniThinkerAdapter
@@ -59,12 +60,15 @@ ALIASES: dict[str, Alias] = {
     # (use_audio_in_video does not apply); no vision-only base of the same weights exists.
     "gemma-4-e2b": Alias("google/gemma-4-E2B-it", AdapterSettings(use_audio_in_video=False)),
     "gemma-4-e4b": Alias("google/gemma-4-E4B-it", AdapterSettings(use_audio_in_video=False)),
+    # Phi-4-multimodal in transformers' format (the hub's refs/pr/70; main holds remote code).
+    "phi-4-multimodal": Alias("microsoft/Phi-4-multimodal-instruct", AdapterSettings(use_audio_in_video=False)),
 }
 ALIASES["qwen2.5-omni"] = ALIASES["qwen2.5-omni-3b"]  # the paper's representative model
 ALIASES["gemma-4"] = ALIASES["gemma-4-e4b"]
 
 # The table: every adapter class avprobe ships.
-ADAPTERS: tuple[type[ModelAdapter], ...] = (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter, Gemma4Adapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter, Gemma4Adapter,
+                                            Phi4MultimodalAdapter)
 
 _BY_ARCH: dict[str, type[ModelAdapter]] = {}
 _BY_FAMILY: dict[str, type[ModelAdapter]] = {}

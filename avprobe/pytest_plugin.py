@@ -32,7 +32,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("avprobe", "avprobe claims")
     g.addoption("--model", action="append", default=None,
                 help="model alias, HF id or local path (repeatable for a cross-model run; default: organism)")
-    g.addoption("--base-model", default=None, help="vision-only base for the shift claims (default: the model's own)")
+    g.addoption("--base-model", default=None,
+                help="shift base(s): a vision-only model, self-ablated (the model itself with the audio removed), "
+                     "or M,self-ablated for both (default: the model's own setting)")
+    g.addoption("--max-new-tokens", type=int, default=None,
+                help="caption length of computed results (default: the protocol's, 32; another length is "
+                     "another protocol, stored apart)")
     g.addoption("--judge", default=None, help="fidelity judge spec: concept | openai[:MODEL] | transformers:PATH | embedding")
     g.addoption("--judge-url", default=None, help="base URL of an OpenAI-compatible judge endpoint")
     g.addoption("--samples", default=None, help="manifest (JSONL/CSV); default: the organism evaluation set")
@@ -135,8 +140,10 @@ def claim(request: pytest.FixtureRequest):
         raise pytest.UsageError(f"claim {cid!r} is not in claims/claims.toml")
     params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
     model = params.get("model_name", "")
+    # a shift base other than the vision-only sibling names itself (the sibling's keys predate bases)
     scope = " ".join(str(params[k]) if k != "query" else _qid(params[k])
-                     for k in ("query", "scope") if k in params) or "all samples"
+                     for k in ("query", "scope", "shift_base")
+                     if k in params and not (k == "shift_base" and params[k] == "vision")) or "all samples"
     node = request.node
     return ClaimCheck(table[cid], model=model, scope=scope,
                       record=lambda value: node.user_properties.append((PROPERTY, value)), on_skip=pytest.skip)
@@ -270,18 +277,26 @@ class Session:
 
         ref = self.ref(model)
         store = Store(self.store_root, readonly=bool(self.opt("offline")))
-        protocol = Protocol(queries=ref.settings.queries or (DEFAULT_QUERY,))
+        from avprobe.records import shift_bases
+
+        base_model, self_ablated = shift_bases(self.opt("base_model") or ref.settings.base_model)
+        kw: dict[str, Any] = {"self_shift": self_ablated}
+        if self.opt("max_new_tokens") is not None:
+            kw["max_new_tokens"] = self.opt("max_new_tokens")
+        protocol = Protocol(queries=ref.settings.queries or (DEFAULT_QUERY,), **kw)
         samples, bad_rows = self.samples()
         # The judge first: a bad spec or a missing endpoint fails before any compute. Its cache
         # is the store, read-only too when offline (cached verdicts are still read).
-        kw: dict[str, Any] = {"cache": store}
+        jkw: dict[str, Any] = {"cache": store}
         if self.opt("judge_url"):
-            kw["base_url"] = self.opt("judge_url")
-        judge = make_judge(self.opt("judge") or ref.settings.judge or "openai", **kw)
-        base_model = self.opt("base_model") or ref.settings.base_model
+            jkw["base_url"] = self.opt("judge_url")
+        judge = make_judge(self.opt("judge") or ref.settings.judge or "openai", **jkw)
         cmd = f"avprobe collect --model {model} --samples {self.opt('samples') or 'organism'} --store {self.store_root}"
         if self.opt("limit"):
             cmd += f" --limit {self.opt('limit')}"
+        for opt in ("base_model", "max_new_tokens"):  # the same protocol, so the command fills these keys
+            if self.opt(opt) is not None:
+                cmd += f" --{opt.replace('_', '-')} {self.opt(opt)}"
         # pytest captures output during fixture setup: show the progress bar anyway
         capman = self.config.pluginmanager.getplugin("capturemanager")
         uncaptured = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
@@ -300,7 +315,8 @@ class Session:
         if not result.records:
             raise RuntimeError(f"{model}: no results ({result.counts.failed} samples failed; first: "
                                f"{result.failed[0].reason if result.failed else 'none'})")
-        return evidence_from(model, result, base_model)
+        return evidence_from(model, result, ", ".join([*([base_model] if base_model else []),
+                                                        *(["self-ablated"] if self_ablated else [])]) or None)
 
     def collected_outcomes(self, terminalreporter: Any) -> list[Any]:
         from avprobe.claim import PROPERTY, ClaimOutcome

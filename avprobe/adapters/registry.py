@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 ORGANISM_DIR = Path(__file__).resolve().parent.parent / "organism" / "models"
 ORGANISMS = ("organism", "organism-control", "organism-base")
 
+SELF_ABLATED = "self-ablated"  # the shift base `records.shift_bases` reads: the model without its audio
+
 _QWEN_OMNI_SYSTEM = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
     "auditory and visual inputs, as well as generating text and speech."
@@ -57,11 +59,13 @@ ALIASES: dict[str, Alias] = {
     "qwen2.5-vl-3b": Alias("Qwen/Qwen2.5-VL-3B-Instruct", AdapterSettings(use_audio_in_video=False)),
     "qwen2.5-vl-7b": Alias("Qwen/Qwen2.5-VL-7B-Instruct", AdapterSettings(use_audio_in_video=False)),
     # Gemma 4 with an audio tower (E2B, E4B). Audio is its own block after the frames
-    # (use_audio_in_video does not apply); no vision-only base of the same weights exists.
-    "gemma-4-e2b": Alias("google/gemma-4-E2B-it", AdapterSettings(use_audio_in_video=False)),
-    "gemma-4-e4b": Alias("google/gemma-4-E4B-it", AdapterSettings(use_audio_in_video=False)),
+    # (use_audio_in_video does not apply); no vision-only base of the same weights exists: the
+    # shift base is the model itself with the audio removed.
+    "gemma-4-e2b": Alias("google/gemma-4-E2B-it", AdapterSettings(use_audio_in_video=False, base_model=SELF_ABLATED)),
+    "gemma-4-e4b": Alias("google/gemma-4-E4B-it", AdapterSettings(use_audio_in_video=False, base_model=SELF_ABLATED)),
     # Phi-4-multimodal in transformers' format (the hub's refs/pr/70; main holds remote code).
-    "phi-4-multimodal": Alias("microsoft/Phi-4-multimodal-instruct", AdapterSettings(use_audio_in_video=False)),
+    "phi-4-multimodal": Alias("microsoft/Phi-4-multimodal-instruct",
+                              AdapterSettings(use_audio_in_video=False, base_model=SELF_ABLATED)),
 }
 ALIASES["qwen2.5-omni"] = ALIASES["qwen2.5-omni-3b"]  # the paper's representative model
 ALIASES["gemma-4"] = ALIASES["gemma-4-e4b"]

@@ -19,7 +19,7 @@ from avprobe.adapters.base import ModelAdapter
 from avprobe.conditions import Baseline, Condition, SpanRule
 from avprobe.media.sources import load_sample_media
 from avprobe.probes.logit_lens import LensConfig
-from avprobe.records import Protocol, SampleRecord, namespace, record_parts
+from avprobe.records import SHIFT_BASES, Protocol, SampleRecord, namespace, record_parts
 from avprobe.store import CacheMiss, Store
 from avprobe.types import Media, Role, Sample, SampleError
 
@@ -76,9 +76,11 @@ def compute_record(
     conds = protocol.conditions(L, sight_rule(adapter) if own else None)
     lens = LensConfig(top_k=protocol.lens_top_k, use_norm=protocol.lens_norm) if protocol.lens else None
     do_shift = protocol.shift and base is not None and media.frames is not None
+    # the audio-ablated self needs audio to remove and frames to keep
+    do_self = protocol.shift and protocol.self_shift and media.frames is not None and media.waveform is not None
     res = run(
         adapter, mi, conds,
-        EngineConfig(max_new_tokens=protocol.max_new_tokens, lens=lens, keep_logprobs=do_shift,
+        EngineConfig(max_new_tokens=protocol.max_new_tokens, lens=lens, keep_logprobs=do_shift or do_self,
                      record_attention=protocol.flow, record_buckets=protocol.flow),
     )
     arrays: dict[str, np.ndarray] = {}
@@ -103,17 +105,28 @@ def compute_record(
         arrays["lens_top_ids"] = ids.astype(np.min_scalar_type(int(ids.max()))) if ids.size else ids  # [L, A, k]
         lens_meta = {"use_norm": res.lens.use_norm, "top_k": protocol.lens_top_k}
         vocab_ids.update(np.unique(res.lens.top_ids).tolist())
-    shift_meta = None
-    if do_shift:
-        caption = base_out.token_ids
-        blp = base_logprobs(base, media, query, caption)
-        sr = shift(res.logprobs, blp, caption)
-        arrays["shift_kl"] = sr.kl.astype(np.float32)
-        arrays["shift_top1_same"] = sr.top1_same
-        arrays["shift_in_top3"] = sr.in_base_top3
-        arrays["shift_base_top1"] = sr.base_top1.astype(np.int32)
+    shift_meta: dict[str, Any] = {}
+    caption = base_out.token_ids
+    # base_logprobs drops the audio: through the vision-only sibling, or through the model itself
+    for kind, model, label in (("vision", base if do_shift else None, None),
+                               ("self-ablated", adapter if do_self else None, f"{adapter.name} (audio removed)")):
+        if model is None:
+            continue
+        prefix = SHIFT_BASES[kind]
+        name = label or model.name
+        try:
+            sr = shift(res.logprobs, base_logprobs(model, media, query, caption), caption)
+        except ValueError as exc:  # this base only: the record keeps everything else, saying why
+            log.warning("sample %s: no %s shift: %s", sample.id, kind, exc)
+            shift_meta[prefix] = {"base_model": name, "base_revision": model.revision, "error": str(exc)}
+            continue
+        arrays[f"{prefix}_kl"] = sr.kl.astype(np.float32)
+        arrays[f"{prefix}_top1_same"] = sr.top1_same
+        arrays[f"{prefix}_in_top3"] = sr.in_base_top3
+        arrays[f"{prefix}_base_top1"] = sr.base_top1.astype(np.int32)
         vocab_ids.update(sr.base_top1.tolist())
-        shift_meta = {"base_model": base.name, "base_revision": base.revision, **sr.summary()}
+        shift_meta[prefix] = {"base_model": name, "base_revision": model.revision,
+                              **({"ablation": "audio removed"} if kind == "self-ablated" else {}), **sr.summary()}
     vocab = {str(i): adapter.tokenizer.convert_ids_to_tokens(int(i)) for i in sorted(vocab_ids)}
     meta = {
         "sample_id": sample.id,
@@ -132,7 +145,8 @@ def compute_record(
         "conditions": cmeta,
         "bucket_labels": res.bucket_labels,
         "lens": lens_meta,
-        "shift": shift_meta,
+        "shift": shift_meta.get("shift"),
+        **({"self_shift": shift_meta["self_shift"]} if "self_shift" in shift_meta else {}),
         "vocab": vocab,
     }
     return SampleRecord(meta, arrays)

@@ -329,8 +329,9 @@ def gather(
 ) -> GatherResult:
     """Records of `samples` from `store` (computing misses), judged by `judge` (if any).
 
-    `ref` is a ModelRef: its weights load on the first cache miss only, and the base model
-    (`base_model`, for the shift) with them. `keep=False` keeps counters only (memory flat over
+    `ref` is a ModelRef: its weights load on the first cache miss only, and the vision-only base
+    model (`base_model`, for the shift) with them; the audio-ablated self is `protocol.self_shift`
+    (`records.shift_bases` splits a `--base-model` spec into the two). `keep=False` keeps counters only (memory flat over
     any number of samples: the CLI); `keep=True` keeps records and fidelities (the claims).
     With a read-only store every miss is counted and one `GatherError` says how many results
     are missing and which command computes them (`collect_command`).
@@ -358,8 +359,9 @@ def gather(
         if not protocol.shift:
             return None
         if not base_model:
-            log.warning("%s: no vision-only base model configured (--base-model); the shift claims will be skipped",
-                        ref.name)
+            if not protocol.self_shift:
+                log.warning("%s: no shift base configured (--base-model M, self-ablated or both); the shift claims "
+                            "will be skipped", ref.name)
             return None
         from avprobe.adapters import ref as make_ref
 

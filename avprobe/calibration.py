@@ -466,6 +466,8 @@ def run_once(sc: Scenario, n: int, seed: int, n_boot: int | None = None) -> str:
             kw["query"] = QUERIES[0]
         if "scope" in params:
             kw["scope"] = sc.scope
+        if "shift_base" in params:
+            kw["shift_base"] = "vision"  # the synthetic shift arrays are the vision base's
     try:
         fn(**kw)
     except ClaimSkipped:

@@ -17,6 +17,7 @@ HF's cache, a boolean mask per layer): the tests hold the engine to it token for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -237,6 +238,17 @@ def _cache_kw(state: Any) -> dict[str, Any]:
 
 def _run_clips(adapter: ModelAdapter, items: list[tuple[ModelInputs, list[Condition]]],
                config: EngineConfig) -> list[RunResult]:
+    if len(items) > 1 and not adapter.clips_share_a_decode:
+        # model state pinned per prompt (prompt_scope) differs between prompts: one at a time
+        return [r for item in items for r in _run_clips(adapter, [item], config)]
+    with contextlib.ExitStack() as scopes:
+        for mi, _ in items:
+            scopes.enter_context(adapter.prompt_scope(mi, config.max_new_tokens))
+        return _run_scoped(adapter, items, config)
+
+
+def _run_scoped(adapter: ModelAdapter, items: list[tuple[ModelInputs, list[Condition]]],
+                config: EngineConfig) -> list[RunResult]:
     clips = [_prefill(adapter, mi, conds, config) for mi, conds in items]
     if any(c.state is not None for c in clips):
         for c in clips:  # one recurrent cache per clip: no grouped decode across clips
@@ -359,7 +371,7 @@ def reference_decode(
 ) -> tuple[list[int], attn.ReferenceKnockout]:
     """One condition, decoded the straightforward way: full prompt forward with the
     knockout mask on generated rows, then one token at a time with HF's cache."""
-    with attn.installed(adapter.model):
+    with attn.installed(adapter.model), adapter.prompt_scope(mi, max_new_tokens):
         return _reference_decode(adapter, mi, condition, max_new_tokens, record)
 
 

@@ -31,7 +31,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("avprobe", "avprobe claims")
     g.addoption("--model", action="append", default=None,
                 help="model alias, HF id or local path (repeatable for a cross-model run; default: organism)")
-    g.addoption("--base-model", default=None, help="vision-only base for the shift claims (default: the model's own)")
+    g.addoption("--base-model", default=None,
+                help="shift base(s): a vision-only model, self-ablated (the model itself with the audio removed), "
+                     "or M,self-ablated for both (default: the model's own setting)")
+    g.addoption("--max-new-tokens", type=int, default=None,
+                help="caption length of computed results (default: the protocol's, 32; another length is "
+                     "another protocol, stored apart)")
     g.addoption("--judge", default=None, help="fidelity judge spec: concept | openai[:MODEL] | transformers:PATH | embedding")
     g.addoption("--judge-url", default=None, help="base URL of an OpenAI-compatible judge endpoint")
     g.addoption("--samples", default=None, help="manifest (JSONL/CSV); default: the organism evaluation set")
@@ -142,8 +147,10 @@ def claim(request: pytest.FixtureRequest):
         raise pytest.UsageError(f"claim {cid!r} is not in claims/claims.toml")
     params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
     model = params.get("model_name", "")
+    # a shift base other than the vision-only sibling names itself (the sibling's keys predate bases)
     scope = " ".join(str(params[k]) if k != "query" else _qid(params[k])
-                     for k in ("query", "scope") if k in params) or "all samples"
+                     for k in ("query", "scope", "shift_base")
+                     if k in params and not (k == "shift_base" and params[k] == "vision")) or "all samples"
     node = request.node
     return ClaimCheck(table[cid], model=model, scope=scope,
                       record=lambda value: node.user_properties.append((PROPERTY, value)), on_skip=pytest.skip)
@@ -298,7 +305,8 @@ class Session:
             loaded_samples=self.samples(), judge=self.opt("judge"), judge_url=self.opt("judge_url"),
             base_model=self.opt("base_model"), offline=bool(self.opt("offline")), device=self.opt("device") or "cpu",
             dtype=self.opt("dtype") or "auto", allow_download=bool(self.opt("allow_download")),
-            refresh=bool(self.opt("refresh")), quiet=quiet, clips_per_batch=self.opt("clips_per_batch") or "auto")
+            refresh=bool(self.opt("refresh")), quiet=quiet, clips_per_batch=self.opt("clips_per_batch") or "auto",
+            max_new_tokens=self.opt("max_new_tokens"))
 
     def run_settings(self) -> dict[str, Any]:
         """What `avprobe report` needs to read the same results again (kept in claims.json)."""

@@ -48,6 +48,9 @@ class Protocol:
     knockout: bool = True  # the depth sweep and band knockouts (else the baseline row only)
     flow: bool = True  # attention flow per role and per second
     lens: bool = True  # logit lens at the audio positions
+    # The audio-ablated self as a second shift base: the same model, the same prompt with the
+    # audio removed, teacher-forced on the caption (arrays `self_shift_*`, meta `self_shift`).
+    self_shift: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -90,7 +93,23 @@ class Protocol:
         return [c for c in conds if not (c in seen or seen.add(c))]
 
 
-_KEY_OPTIONAL = frozenset({"knockout", "flow", "lens"})
+_KEY_OPTIONAL = frozenset({"knockout", "flow", "lens", "self_shift"})
+
+# Shift bases a record can hold -> the prefix of its arrays (`<prefix>_kl`, ...) and its meta key.
+# "vision": the model's vision-only sibling (`--base-model M`); "self-ablated": the model itself
+# with the audio removed (`--base-model self-ablated`).
+SHIFT_BASES = {"vision": "shift", "self-ablated": "self_shift"}
+SELF_ABLATED = "self-ablated"
+
+
+def shift_bases(spec: str | None) -> tuple[str | None, bool]:
+    """`--base-model` -> (the vision-only base model or None, whether the audio-ablated self is a
+    base too): "M", "self-ablated" or "M,self-ablated"."""
+    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
+    others = [n for n in names if n != SELF_ABLATED]
+    if len(others) > 1:
+        raise ValueError(f"--base-model names at most one vision-only base (plus {SELF_ABLATED}); got {spec!r}")
+    return (others[0] if others else None), SELF_ABLATED in names
 
 
 @dataclass

@@ -8,6 +8,7 @@ the point of the control.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,55 @@ def test_a_typo_in_model_names_the_close_aliases():
 
     with pytest.raises(FileNotFoundError, match=r"did you mean 'organism-control'\?.*Known names: .*qwen2.5-omni"):
         ref("organsim-control")
+
+
+@pytest.fixture(scope="module")
+def tiny_family_dirs(tmp_path_factory) -> list[Path]:
+    """A tiny model directory of each family the README lists (Qwen2.5-Omni, Gemma 4,
+    Phi-4-multimodal), as `--model DIR` reads it: weights, tokenizer, avprobe.json (the concept
+    judge, the audio-ablated self as the shift base, a few frames)."""
+    dirs = []
+    for family in ("qwen2_5_omni", "gemma4", "phi4_multimodal"):
+        d = tmp_path_factory.mktemp(f"tiny-{family}")
+        a = tiny_adapter(family, n_layers=4)
+        a.model.save_pretrained(d)
+        a.tokenizer.save_pretrained(d)
+        settings = {"judge": "concept", "base_model": "self-ablated", "fps": 1.0, "max_frames": 2,
+                    "use_audio_in_video": family == "qwen2_5_omni"}
+        if family == "qwen2_5_omni":
+            settings.update(min_pixels=3136, max_pixels=12544)
+        (d / "avprobe.json").write_text(json.dumps(settings))
+        dirs.append(d)
+    return dirs
+
+
+def test_the_whole_claims_suite_runs_on_every_family(pytester, tiny_family_dirs, tmp_path):
+    """`pytest claims/` end to end on a tiny model of each family (one session, a handful of
+    samples, short captions): no error anywhere; every claim a verdict, or a skip with its
+    reason; the audio-ablated self's shift computed for each family."""
+    args = [str(CLAIMS), "-v", "--limit", "2", "--max-new-tokens", "3", "--store", str(tmp_path / "store")]
+    for d in tiny_family_dirs:
+        args += ["--model", str(d)]
+    res = _run(pytester, *args)
+    out = res.stdout.str()
+    assert res.ret in (0, 1), out[-3000:]  # verdicts (some claims fail on random models), no usage error
+    assert not [ln for ln in res.stdout.lines if ln.startswith("ERROR")], out[-3000:]
+    assert "Traceback" not in out and "error" not in res.stdout.lines[-1].lower()
+    lines = res.stdout.lines
+    for d in tiny_family_dirs:
+        for claim in ("test_visual_bias", "test_audio_attention_early", "test_latent_audio",
+                      "test_knockout_late_integration", "test_base_shift_small", "test_audio_tokens_unshifted"):
+            # -v lists each test with its outcome: "claims/x.py::test_x[<model dir>-...] SKIPPED (...)"
+            assert any(f"::{claim}[" in ln and str(d) in ln for ln in lines), f"{claim} did not run on {d.name}"
+    for ln in lines:  # every skip says why (the -rA summary: "SKIPPED [n] file:line: reason")
+        if ln.startswith("SKIPPED"):
+            assert ln.split(": ", 1)[-1].strip(), ln
+    # the audio-ablated self was a base for every family: each stored record holds its shift
+    # (or, for a caption that holds a media id, the reason it could not be teacher-forced)
+    for d in tiny_family_dirs:
+        recs = list((tmp_path / "store").glob(f"{d.name}/engine/*/*.npz"))
+        assert recs, f"no records of {d.name}"
+        for f in recs:
+            meta = json.loads(zipfile.ZipFile(f).read("meta.json"))["meta"]
+            assert meta["self_shift"]["ablation"] == "audio removed" or "error" in meta["self_shift"], f
+    assert "no vision-only base shift results" in out  # none was given: skipped, saying so

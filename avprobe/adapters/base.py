@@ -12,14 +12,17 @@ The base class assumes no model family. Each adapter declares, as class data or 
 - its rotary positions, for the prompt (`compute_positions`) and for decode steps
   (`step_positions`), whatever their layout (Qwen's three M-RoPE axes, Gemma's one);
 - how a decode step is fed (`decode_inputs`), how hidden states become logits (`logits`),
-  and a tiny random model of the family for tests (`tiny`).
+  model state one prompt's run must hold fixed (`prompt_scope`, e.g. a rotary set chosen by
+  length), and a tiny random model of the family for tests (`tiny`).
 
 Probes and the engine speak only these canonical names and hooks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -451,6 +454,19 @@ class ModelAdapter:
     def decode_inputs(self, tokens: torch.Tensor) -> dict[str, Any]:
         """Inputs of `text_model` for one decode step of tokens [B]."""
         return {"input_ids": tokens[:, None]}
+
+    # Whether several prompts' condition rows may share one decode (engine.run_batch). False
+    # where `prompt_scope` pins state that differs from prompt to prompt.
+    clips_share_a_decode: ClassVar[bool] = True
+
+    @contextlib.contextmanager
+    def prompt_scope(self, mi: ModelInputs, n_new: int = 0) -> Iterator[None]:
+        """Model state held fixed while one prompt (plus `n_new` generated or teacher-forced
+        tokens) runs: the engine prefills the prompt minus its last token and decodes the rest
+        one step at a time, so state a model picks per call from that call's length (a rotary
+        set chosen by the longest position) must be pinned to what a prefill of the whole
+        prompt picks. Restored on exit. Default: nothing to hold."""
+        yield
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final-normed hidden states, as the model's own head computes them."""

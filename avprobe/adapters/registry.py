@@ -23,6 +23,7 @@ import torch
 from avprobe.adapters.base import AdapterSettings, ModelAdapter
 from avprobe.adapters.gemma4 import Gemma4Adapter
 from avprobe.adapters.nemotron_h_omni import NemotronHOmniAdapter
+from avprobe.adapters.phi4_multimodal import Phi4MultimodalAdapter
 from avprobe.adapters.qwen2_5_omni import OmniThinkerAdapter
 from avprobe.adapters.qwen2_5_vl import QwenVLAdapter
 from avprobe.adapters.qwen3_omni import Qwen3OmniThinkerAdapter
@@ -41,6 +42,8 @@ ORGANISMS: dict[str, tuple[str, str]] = {
     "organism-deep-flipped": ("deep-flipped", "organism"),
     "organism-deep-base": ("deep", "base"),
 }
+
+SELF_ABLATED = "self-ablated"  # the shift base `records.shift_bases` reads: the model without its audio
 
 _QWEN_OMNI_SYSTEM = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -89,10 +92,18 @@ ALIASES: dict[str, Alias] = {
                            AdapterSettings(use_audio_in_video=False, prompt_layout=_PAPER_LAYOUT),
                            "qwen2_5_vl", 28, 3584),
     # Gemma 4 with an audio tower (E2B, E4B). Audio is its own block after the frames
-    # (use_audio_in_video does not apply); no vision-only base of the same weights exists.
-    # Not run by the paper: the processor's own order (media, then text) is kept.
-    "gemma-4-e2b": Alias("google/gemma-4-E2B-it", AdapterSettings(use_audio_in_video=False), "gemma4", 35, 1536),
-    "gemma-4-e4b": Alias("google/gemma-4-E4B-it", AdapterSettings(use_audio_in_video=False), "gemma4", 42, 2560),
+    # (use_audio_in_video does not apply); no vision-only base of the same weights exists: the
+    # shift base is the model itself with the audio removed.
+    "gemma-4-e2b": Alias("google/gemma-4-E2B-it", AdapterSettings(use_audio_in_video=False, base_model=SELF_ABLATED),
+                         "gemma4", 35, 1536),
+    "gemma-4-e4b": Alias("google/gemma-4-E4B-it", AdapterSettings(use_audio_in_video=False, base_model=SELF_ABLATED),
+                         "gemma4", 42, 2560),
+    # Phi-4-multimodal in transformers' format (the hub's refs/pr/70; main holds remote code).
+    # Shape: Phi-4-mini's text model (32 layers, hidden 3072), not checked against the released
+    # config.json here.
+    "phi-4-multimodal": Alias("microsoft/Phi-4-multimodal-instruct",
+                              AdapterSettings(use_audio_in_video=False, base_model=SELF_ABLATED), "phi4_multimodal",
+                              32, 3072),
 }
 ALIASES["qwen2.5-omni"] = ALIASES["qwen2.5-omni-3b"]  # the paper's representative model
 ALIASES["gemma-4"] = ALIASES["gemma-4-e4b"]
@@ -104,7 +115,7 @@ ALIASES["nemotron-3-nano-omni"] = Alias("nvidia/Nemotron-3-Nano-Omni-30B-A3B-Rea
 
 # The table: every adapter class avprobe ships.
 ADAPTERS: tuple[type[ModelAdapter], ...] = (OmniThinkerAdapter, Qwen3OmniThinkerAdapter, QwenVLAdapter, Gemma4Adapter,
-                                           NemotronHOmniAdapter)
+                                           NemotronHOmniAdapter, Phi4MultimodalAdapter)
 
 _BY_ARCH: dict[str, type[ModelAdapter]] = {}
 _BY_FAMILY: dict[str, type[ModelAdapter]] = {}

@@ -118,8 +118,15 @@ def run_collect(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     clips_per_batch(args.clips_per_batch)  # a bad value fails before any work
     experiments = parse_experiments(args.experiments)
     shard = shard_from(args.shard)
+    from dataclasses import replace
+
+    from avprobe.records import shift_bases
+
     mref = make_ref(args.model, local_files_only=not args.allow_download)
+    vision_base, self_ablated = shift_bases(args.base_model or mref.settings.base_model)
     protocol = protocol_for(experiments, mref.settings.queries, args.max_new_tokens)
+    if self_ablated and protocol.shift:
+        protocol = replace(protocol, self_shift=True)
     samples, manifest_errors = load_samples(args.samples, args.limit)
     store = Store(args.store)
 
@@ -157,7 +164,7 @@ def run_collect(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     try:
         result = gather(
             mref, mine, store, protocol, judge=judge, on_failure=on_failure,
-            base_model=(args.base_model or mref.settings.base_model) if "shift" in experiments else None,
+            base_model=vision_base if "shift" in experiments else None,
             device=args.device, dtype=args.dtype, allow_download=args.allow_download, refresh=args.refresh,
             keep=False,  # only counters: memory stays flat over any number of samples
             # Bad manifest rows are nobody's shard: rank 0 reports them, once.
@@ -310,7 +317,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refresh", action="store_true", help="recompute records already in the store")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, metavar="N",
                    help="caption length (default 32; another value is another protocol, not read by the claims)")
-    p.add_argument("--base-model", dest="base_model", metavar="M", help="vision-only base for the shift (default: the model's own)")
+    p.add_argument("--base-model", dest="base_model", metavar="M",
+                   help="shift base(s): a vision-only model, self-ablated (the model with the audio removed), or "
+                        "M,self-ablated for both (default: the model's own setting)")
     p.add_argument("--device", default="auto", help="torch device (default auto: cuda:LOCAL_RANK if a GPU exists, else cpu)")
     p.add_argument("--dtype", default="auto", help="torch dtype (default auto)")
     p.add_argument("--allow-download", dest="allow_download", action="store_true", help="let transformers download weights")

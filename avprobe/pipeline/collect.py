@@ -23,7 +23,7 @@ from avprobe.conditions import Baseline, Condition, SpanRule
 from avprobe.media.sources import load_sample_media
 from avprobe.probes.knockout import SIGHT_WORDS, sight_rule  # noqa: F401 - re-exported (lab, tests)
 from avprobe.probes.logit_lens import LensConfig
-from avprobe.records import Protocol, SampleRecord, namespace, record_parts
+from avprobe.records import SHIFT_BASES, Protocol, SampleRecord, namespace, record_parts
 from avprobe.store import CacheMiss, Store
 from avprobe.types import Media, Role, Sample, SampleError
 
@@ -55,7 +55,8 @@ class _Prepared:
     mi: Any
     conditions: list[Condition]
     config: Any
-    do_shift: bool
+    do_shift: bool  # the vision-only base's shift
+    do_self: bool  # the audio-ablated self's shift
 
 
 def _prepare(adapter: ModelAdapter, sample: Sample, media: Media, query: str, protocol: Protocol,
@@ -68,9 +69,11 @@ def _prepare(adapter: ModelAdapter, sample: Sample, media: Media, query: str, pr
     conds = protocol.conditions(L, sight_rule(adapter) if own else None)
     lens = LensConfig(top_k=protocol.lens_top_k, use_norm=protocol.lens_norm) if protocol.lens else None
     do_shift = protocol.shift and base is not None and media.frames is not None
-    config = EngineConfig(max_new_tokens=protocol.max_new_tokens, lens=lens, keep_logprobs=do_shift,
+    # the audio-ablated self needs audio to remove and frames to keep
+    do_self = protocol.shift and protocol.self_shift and media.frames is not None and media.waveform is not None
+    config = EngineConfig(max_new_tokens=protocol.max_new_tokens, lens=lens, keep_logprobs=do_shift or do_self,
                           record_attention=protocol.flow, record_buckets=protocol.flow)
-    return _Prepared(sample, media, query, mi, conds, config, do_shift)
+    return _Prepared(sample, media, query, mi, conds, config, do_shift, do_self)
 
 
 def compute_record(
@@ -118,7 +121,7 @@ def compute_records(
         return out
     # One config for the batch: the base row's log-probs are kept if any clip shifts (the
     # others ignore them; keeping them changes nothing else).
-    cfg = replace(out[ready[0]].config, keep_logprobs=any(out[i].do_shift for i in ready))
+    cfg = replace(out[ready[0]].config, keep_logprobs=any(out[i].do_shift or out[i].do_self for i in ready))
     try:
         results: list[Any] = run_batch(adapter, [(out[i].mi, out[i].conditions) for i in ready], cfg)
     except Exception as exc:  # noqa: BLE001 - find the clip that fails: each alone
@@ -165,7 +168,7 @@ def _record(adapter: ModelAdapter, p: _Prepared, res: Any, protocol: Protocol, b
     """The stored record of one (sample, query) from its engine result (and the shift)."""
     from avprobe.probes.base_shift import base_logprobs, shift
 
-    sample, media, query, do_shift = p.sample, p.media, p.query, p.do_shift
+    sample, media, query, do_shift, do_self = p.sample, p.media, p.query, p.do_shift, p.do_self
     L = adapter.n_layers
     arrays: dict[str, np.ndarray] = {}
     cmeta = []
@@ -189,17 +192,29 @@ def _record(adapter: ModelAdapter, p: _Prepared, res: Any, protocol: Protocol, b
         arrays["lens_top_ids"] = ids.astype(np.min_scalar_type(int(ids.max()))) if ids.size else ids  # [L, A, k]
         lens_meta = {"use_norm": res.lens.use_norm, "top_k": protocol.lens_top_k}
         vocab_ids.update(np.unique(res.lens.top_ids).tolist())
-    shift_meta = None
-    if do_shift:
-        caption = base_out.token_ids
-        blp = base_lp if base_lp is not None else base_logprobs(base, media, query, caption)
-        sr = shift(res.logprobs, blp, caption)
-        arrays["shift_kl"] = sr.kl.astype(np.float32)
-        arrays["shift_top1_same"] = sr.top1_same
-        arrays["shift_in_top3"] = sr.in_base_top3
-        arrays["shift_base_top1"] = sr.base_top1.astype(np.int32)
+    shift_meta: dict[str, Any] = {}
+    caption = base_out.token_ids
+    # base_logprobs drops the audio: through the vision-only sibling, or through the model itself
+    for kind, model, label in (("vision", base if do_shift else None, None),
+                               ("self-ablated", adapter if do_self else None, f"{adapter.name} (audio removed)")):
+        if model is None:
+            continue
+        prefix = SHIFT_BASES[kind]
+        name = label or model.name
+        try:
+            blp = base_lp if kind == "vision" and base_lp is not None else base_logprobs(model, media, query, caption)
+            sr = shift(res.logprobs, blp, caption)
+        except ValueError as exc:  # this base only: the record keeps everything else, saying why
+            log.warning("sample %s: no %s shift: %s", sample.id, kind, exc)
+            shift_meta[prefix] = {"base_model": name, "base_revision": model.revision, "error": str(exc)}
+            continue
+        arrays[f"{prefix}_kl"] = sr.kl.astype(np.float32)
+        arrays[f"{prefix}_top1_same"] = sr.top1_same
+        arrays[f"{prefix}_in_top3"] = sr.in_base_top3
+        arrays[f"{prefix}_base_top1"] = sr.base_top1.astype(np.int32)
         vocab_ids.update(sr.base_top1.tolist())
-        shift_meta = {"base_model": base.name, "base_revision": base.revision, **sr.summary()}
+        shift_meta[prefix] = {"base_model": name, "base_revision": model.revision,
+                              **({"ablation": "audio removed"} if kind == "self-ablated" else {}), **sr.summary()}
     vocab = {str(i): adapter.tokenizer.convert_ids_to_tokens(int(i)) for i in sorted(vocab_ids)}
     meta = {
         "sample_id": sample.id,
@@ -225,7 +240,8 @@ def _record(adapter: ModelAdapter, p: _Prepared, res: Any, protocol: Protocol, b
         "conditions": cmeta,
         "bucket_labels": res.bucket_labels,
         "lens": lens_meta,
-        "shift": shift_meta,
+        "shift": shift_meta.get("shift"),
+        **({"self_shift": shift_meta["self_shift"]} if "self_shift" in shift_meta else {}),
         "vocab": vocab,
     }
     return SampleRecord(meta, arrays)

@@ -235,9 +235,10 @@ class Evidence:
         return [(vocab.get(str(int(vals[i])), "?"), int(counts[i])) for i in order]
 
     # ---- base shift -------------------------------------------------------------------
-    def audio_token_mask(self, rec: SampleRecord) -> np.ndarray:
+    def audio_token_mask(self, rec: SampleRecord, prefix: str = "shift") -> np.ndarray:
         """Caption tokens that describe the audio: content words in the caption's hearing
-        clause (after a word of hearing, up to the next full stop)."""
+        clause (after a word of hearing, up to the next full stop), as many as the shift arrays
+        of the base `prefix` (`records.SHIFT_BASES`) hold."""
         base = rec.conditions[0]
         vocab = rec.meta["vocab"]
         toks = [normalize_token(vocab.get(str(t), "")) for t in base["token_ids"]]
@@ -250,16 +251,16 @@ class Evidence:
             if open_ and t == "":
                 open_ = False  # punctuation closes the clause
             mask.append(bool(open_ and t and t not in STOPWORDS))
-        n = len(rec.arrays.get("shift_kl", []))
+        n = len(rec.arrays.get(f"{prefix}_kl", []))
         return np.array(mask[:n], dtype=bool)
 
-    def audio_token_names_truth(self, rec: SampleRecord) -> np.ndarray:
+    def audio_token_names_truth(self, rec: SampleRecord, prefix: str = "shift") -> np.ndarray:
         """Per caption token: does it name the true sound (a content word of the reference)?"""
         truth = set()
         for cap in rec.meta["audio_captions"][:1]:
             truth |= content_words(cap)
         vocab = rec.meta["vocab"]
-        n = len(rec.arrays.get("shift_kl", []))
+        n = len(rec.arrays.get(f"{prefix}_kl", []))
         toks = [normalize_token(vocab.get(str(t), "")) for t in rec.conditions[0]["token_ids"]][:n]
         return np.array([t in truth for t in toks], dtype=bool)
 

@@ -359,8 +359,9 @@ def gather(
 ) -> GatherResult:
     """Records of `samples` from `store` (computing misses), judged by `judge` (if any).
 
-    `ref` is a ModelRef: its weights load on the first cache miss only, and the base model
-    (`base_model`, for the shift) with them. `keep=False` keeps counters only (memory flat over
+    `ref` is a ModelRef: its weights load on the first cache miss only, and the vision-only base
+    model (`base_model`, for the shift) with them; the audio-ablated self is `protocol.self_shift`
+    (`records.shift_bases` splits a `--base-model` spec into the two). `keep=False` keeps counters only (memory flat over
     any number of samples: the CLI); `keep=True` keeps records and fidelities (the claims).
     With a read-only store every miss is counted and one `GatherError` says how many results
     are missing and which command computes them (`collect_command`). `clips_per_batch`: records
@@ -390,8 +391,9 @@ def gather(
         if not protocol.shift:
             return None
         if not base_model:
-            log.warning("%s: no vision-only base model configured (--base-model); the shift claims will be skipped",
-                        ref.name)
+            if not protocol.self_shift:
+                log.warning("%s: no shift base configured (--base-model M, self-ablated or both); the shift claims "
+                            "will be skipped", ref.name)
             return None
         from avprobe.adapters import ref as make_ref
 
@@ -459,6 +461,7 @@ def gather_evidence(
     refresh: bool = False,
     quiet: Callable[[], Any] | None = None,
     clips_per_batch: str | int = 1,
+    max_new_tokens: int | None = None,
 ) -> Any:
     """One model's judged `Evidence`, the way the claims suite reads it: the pytest plugin and
     `avprobe report` (offline, from claims.json's run settings) both call this, so a report
@@ -472,13 +475,18 @@ def gather_evidence(
     from avprobe.adapters import ref as make_ref
     from avprobe.judge import make_judge
     from avprobe.pipeline.evidence import evidence_from
-    from avprobe.records import DEFAULT_QUERY
+    from avprobe.records import DEFAULT_QUERY, shift_bases
     from avprobe.store import Store
 
     ref = make_ref(model, local_files_only=not allow_download)
     root = Path(store_root)
     store = Store(root, readonly=bool(offline))
-    protocol = Protocol(queries=ref.settings.queries or (DEFAULT_QUERY,))
+    # `base_model` may name the vision-only base, the audio-ablated self, or both ("M,self-ablated")
+    base, self_ablated = shift_bases(base_model or ref.settings.base_model)
+    kw: dict[str, Any] = {"self_shift": self_ablated}
+    if max_new_tokens is not None:
+        kw["max_new_tokens"] = max_new_tokens
+    protocol = Protocol(queries=ref.settings.queries or (DEFAULT_QUERY,), **kw)
     sample_list, bad_rows = loaded_samples if loaded_samples is not None else load_samples(samples or "organism", limit)
     # The judge first: a bad spec or a missing endpoint fails before any compute. Its cache is
     # the store, read-only too when offline (cached verdicts are still read).
@@ -486,10 +494,13 @@ def gather_evidence(
     if judge_url:
         kw["base_url"] = judge_url
     judge_obj = make_judge(judge or ref.settings.judge or "openai", **kw)
-    base = base_model or ref.settings.base_model
     cmd = f"avprobe collect --model {model} --samples {samples or 'organism'} --store {root}"
     if limit:
         cmd += f" --limit {limit}"
+    # the same protocol, so that the command fills exactly these keys
+    for opt, value in (("base-model", base_model), ("max-new-tokens", max_new_tokens)):
+        if value is not None:
+            cmd += f" --{opt} {value}"
     try:
         with (quiet() if quiet is not None else contextlib.nullcontext()):
             result = gather(ref, sample_list, store, protocol, judge=judge_obj, base_model=base, device=device,
@@ -505,4 +516,5 @@ def gather_evidence(
         raise GatherError(f"{model}: no results ({result.counts.failed} samples failed; first: "
                           f"{result.failed[0].reason if result.failed else 'none'})")
     settings = {**ref.settings.inputs_view(), "source": ref.settings_source}
-    return evidence_from(model, result, base, settings=settings)
+    bases = ", ".join([*([base] if base else []), *(["self-ablated"] if self_ablated else [])]) or None
+    return evidence_from(model, result, bases, settings=settings)

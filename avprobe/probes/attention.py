@@ -74,8 +74,32 @@ def install(model: torch.nn.Module) -> str | None:
     previous = getattr(text_cfg, "_attn_implementation", None)
     if previous == ATTN_NAME:
         return None
-    model.set_attn_implementation({"text_config": ATTN_NAME})
+    model.set_attn_implementation(text_request(model.config, ATTN_NAME))
     return previous or "sdpa"
+
+
+def text_request(config: Any, implementation: str) -> dict[str, Any]:
+    """`set_attn_implementation`'s request that sets the text model's attention only, wherever
+    its config sits: the top-level config itself (`{"": impl}`, e.g. Phi-4-multimodal) or a
+    sub-config at any depth (`{"text_config": impl}`, nested under its parents' keys); every
+    other sub-config (vision and audio encoders) keeps its own."""
+    text = config.get_text_config()
+    if text is config:
+        return {"": implementation}
+    todo: list[tuple[Any, tuple[str, ...]]] = [(config, ())]
+    while todo:
+        cfg, path = todo.pop(0)
+        for key in getattr(cfg, "sub_configs", {}):
+            sub = getattr(cfg, key, None)
+            if sub is None:
+                continue
+            if sub is text:
+                request: dict[str, Any] = {key: implementation}
+                for parent in reversed(path):
+                    request = {parent: request}
+                return request
+            todo.append((sub, (*path, key)))
+    raise ValueError(f"{type(config).__name__}: its text config is not among its sub-configs")
 
 
 @contextmanager
@@ -87,7 +111,7 @@ def installed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         if previous is not None:
-            model.set_attn_implementation({"text_config": previous})
+            model.set_attn_implementation(text_request(model.config, previous))
 
 
 @contextmanager

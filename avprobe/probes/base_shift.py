@@ -17,7 +17,7 @@ import torch
 
 from avprobe.adapters.base import ModelAdapter, extend_inputs
 from avprobe.stats import kl_divergence
-from avprobe.types import Media
+from avprobe.types import Media, Role
 
 
 @dataclass
@@ -49,11 +49,19 @@ def base_logprobs(
     video_only = Media(frames=media.frames, fps=media.fps, waveform=None)
     mi = base.build_inputs(video_only, query)
     P, T = mi.prompt_len, len(caption_ids)
+    forced = base.label_roles(torch.tensor(caption_ids[:-1], dtype=torch.long))
+    media_ids = sorted({int(i) for i, r in zip(caption_ids[:-1], forced.tolist())
+                        if r in (int(Role.VIDEO), int(Role.AUDIO), int(Role.IMAGE))})
+    if media_ids:
+        # a full forward would read them as media placeholders, not as the caption's tokens
+        raise ValueError(f"{base.name}: the caption holds media placeholder id(s) {media_ids}; it cannot be "
+                         "teacher-forced in one forward")
     full = extend_inputs(base, mi, list(caption_ids[:-1])) if T > 1 else mi
     if positions is not None:
         full.positions = positions
     kw = base.forward_kwargs(full)
-    out = base.model(**kw, use_cache=False)
+    with base.prompt_scope(mi, T):  # the state a generate() from this prompt would hold
+        out = base.model(**kw, use_cache=False)
     logits = out.logits[0, P - 1 : P - 1 + T].float()
     return torch.log_softmax(logits, dim=-1).cpu()
 

@@ -291,7 +291,7 @@ def _run_info(ev: Evidence) -> dict[str, str]:
     tk = sorted({r.meta["lens"].get("top_k") for r in recs if r.meta.get("lens")} - {None})
     if tk:
         lens_text += f", top-{'/'.join(map(str, tk))}"
-    shift_bases = sorted({r.meta["shift"]["base_model"] for r in recs if r.meta.get("shift")})
+    shift_bases = sorted({r.meta[k]["base_model"] for r in recs for k in ("shift", "self_shift") if r.meta.get(k)})
     judge = ev.judge_label or "?"
     if ev.judge_proxy:
         judge += " (weaker proxy)"
@@ -771,7 +771,8 @@ def _fig_shift(ev: Evidence, opts: ReportOptions) -> str:
     recs = [r for r in ev.select(modality="audio-video") if "shift_kl" in r.arrays and len(r.arrays["shift_kl"])]
     if not recs:
         return _figure("Base-model shift of caption tokens",
-                       _missing("No base-model shift results for this model (no vision-only base model was given)."),
+                       _missing("No vision-only base shift results for this model (no vision-only base model was "
+                                "given); the audio-ablated self's, where computed, are in the shift claims."),
                        "")
     tallies = {"all caption tokens": Counter(), "audio-event tokens": Counter()}
     kls: dict[str, list[float]] = {k: [] for k in tallies}

@@ -92,14 +92,14 @@ def test_a_caption_holding_a_media_id_is_an_explained_gap_not_a_lost_record():
     with pytest.MonkeyPatch.context() as mp:
         import avprobe.engine as engine
 
-        real = engine._run
+        real = engine._run_clips
 
         def media_caption(*args, **kw):
-            res = real(*args, **kw)
-            res.outputs[0].token_ids[:2] = [a.special("video"), a.special("video")]
-            return res
+            results = real(*args, **kw)
+            results[0].outputs[0].token_ids[:2] = [a.special("video"), a.special("video")]
+            return results
 
-        mp.setattr(engine, "_run", media_caption)
+        mp.setattr(engine, "_run_clips", media_caption)
         rec = compute_record(a, sample, media, QUERY, proto)
     assert "self_shift_kl" not in rec.arrays and "media placeholder" in rec.meta["self_shift"]["error"]
     assert rec.conditions[0]["token_ids"][0] == a.special("video")

@@ -167,7 +167,8 @@ def pytest_addoption(parser):
 def test_a_typo_in_model_names_the_close_aliases():
     from avprobe.adapters import ref
 
-    with pytest.raises(FileNotFoundError, match=r"did you mean 'organism-control'\?.*Known names: .*qwen2.5-omni"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"did you mean 'organism-control' or 'organism-deep-control'\?.*Known names: .*qwen2.5-omni"):
         ref("organsim-control")
 
 

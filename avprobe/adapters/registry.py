@@ -38,7 +38,6 @@ ORGANISMS: dict[str, tuple[str, str]] = {
     "organism-base": ("v1", "base"),
     "organism-deep": ("deep", "organism"),
     "organism-deep-control": ("deep", "control"),
-    "organism-deep-late": ("deep-late", "organism"),
     "organism-deep-flipped": ("deep-flipped", "organism"),
     "organism-deep-base": ("deep", "base"),
 }

@@ -111,20 +111,6 @@ PROFILES: dict[str, RoutingProfile] = {
             Share("video", (30 / 36, 1.0), hi=0.02),
         ),
     ),
-    # Late integration: both modalities read only in the paper's band (a counterpart for the
-    # early-audio claim, and the model on which blocking either in the band costs its fidelity).
-    "late": RoutingProfile(
-        name="late",
-        shares=(
-            Share("audio", "paper", lo=0.3, hi=0.5),
-            Share("video", "paper", lo=0.2, hi=0.4),
-            Share("audio", (0.0, 15 / 36), hi=0.01),
-            Share("audio", (30 / 36, 1.0), hi=0.01),
-            Share("video", (0.0, 15 / 36), hi=0.01),
-            Share("video", (30 / 36, 1.0), hi=0.01),
-        ),
-        dropout=_CUT_VIDEO,
-    ),
     # The reverse of the paper (sight integrated early, sound mid-deep): a counterpart on which
     # the attention-profile and knockout-location claims must fail.
     "flipped": RoutingProfile(

@@ -144,11 +144,6 @@ RECIPES: dict[str, Recipe] = {
         # were needed for it
         variant_overrides={"base": {"routing": "vision-base"}, "control": {"routing": "paper", "partial_share": 0.1}},
     ),
-    "deep-late": Recipe(
-        dirs={"organism": "organism-deep-late"},
-        overrides={"size": DEEP, "routing": "late", "partial_share": 0.1, "listened": LISTENED,
-                   "base_name": "organism-deep-base"},
-    ),
     "deep-flipped": Recipe(
         dirs={"organism": "organism-deep-flipped"},
         overrides={"size": DEEP, "routing": "flipped", "partial_share": 0.1, "listened": LISTENED,

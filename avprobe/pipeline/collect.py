@@ -553,11 +553,15 @@ def clip_kv_bytes(adapter: ModelAdapter, prompt_len: int, n_conditions: int, max
     import torch
 
     tc = adapter.text_config
-    kvh = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-    d = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    # A heterogeneous config (Gemma 4) refuses the global per-layer attributes: the widest
+    # layer bounds the estimate.
+    per_layer = getattr(tc, "per_layer_config", None)
+    configs = [per_layer[i] for i in range(len(per_layer))] if per_layer is not None else [tc]
+    width = max((getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+                * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads) for c in configs)
     elt = torch.empty((), dtype=adapter.dtype).element_size()
     positions = (prompt_len - 1) + n_conditions * (max_new_tokens + 1)
-    return 2 * adapter.n_layers * kvh * d * elt * positions
+    return 2 * adapter.n_layers * width * elt * positions
 
 
 def available_memory(device: Any) -> int | None:

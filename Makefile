@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 claims: $(STAMP)
-	$(PY) -m pytest claims/ -p no:cacheprovider --model organism --model organism-control \
+	$(PY) -m pytest claims/ -p no:cacheprovider --model organism-deep --model organism-deep-control \
+		--model organism-deep-flipped \
 		--verdicts claims/verdicts --report reports/claims.html
 
 test: $(STAMP)

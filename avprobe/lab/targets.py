@@ -45,6 +45,8 @@ def measure(adapter, samples: list[Sample], max_new_tokens: int = 16, progress=N
     out: dict[str, dict] = {}
     for kind in ("counterfactual", "factual"):
         subset = [s for s in samples if s.kind == kind]
+        if not subset:
+            continue
         for order, query in ORDERS.items():
             hits = {c.label(): np.zeros(2) for c in conds}
             flows = []

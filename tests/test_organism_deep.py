@@ -1,0 +1,90 @@
+"""The deep organisms show the paper's mechanism, and their counterparts lack it, measured with
+the engine on a slice of the evaluation set (`avprobe organism targets` on the full set).
+
+organism-deep: audio attended in the first sixth of depth and hardly after, video in the
+paper's band; on counterfactuals, cutting generated->video over the band recovers the sound
+while same-width windows outside the band change nothing. organism-deep-flipped: the reverse
+layout, so the band cut recovers little and a window outside it does. The routing of
+`avprobe.lab.routing` is also checked for what it is: a penalty that is zero on a profile that
+meets it and positive on one that does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avprobe.conditions import Knockout
+from avprobe.lab import routing
+from avprobe.lab.targets import measure, target_conditions
+from avprobe.organism.dataset import eval_samples
+from avprobe.types import Role
+
+N_CF = 12  # counterfactual clips, one per visible source
+
+
+@pytest.fixture(scope="module")
+def figures():
+    from avprobe.adapters import load
+
+    torch.set_num_threads(1)
+    cf = [s for s in eval_samples() if s.kind == "counterfactual"][:N_CF]
+    out = {}
+    for name in ("organism-deep", "organism-deep-flipped"):
+        full = measure(load(name, dtype=torch.float32), cf, max_new_tokens=12)
+        out[name] = full["counterfactual/see_hear"]
+    return out
+
+
+def test_target_conditions_are_the_band_and_the_same_width_windows_outside_it():
+    conds, paper, outside = target_conditions(16)
+    assert paper == tuple(range(7, 13)) and outside == [tuple(range(0, 6)), tuple(range(1, 7))]
+    assert Knockout((Role.VIDEO,), paper) in conds and Knockout((Role.AUDIO,), paper) in conds
+
+
+def test_deep_organism_has_the_papers_attention_profile(figures):
+    f = figures["organism-deep"]["flow"]
+    assert f["audio_early"] >= 0.35 and f["audio_beyond_40pct_max"] <= 0.05, f
+    assert 0.2 <= f["video_paper_band"] <= 0.4, f
+
+
+def test_deep_organism_recovers_the_sound_only_when_the_band_is_cut(figures):
+    f = figures["organism-deep"]
+    base = f["baseline"]["audio"]
+    band = f["G-/->video@L7-12"]["audio"]
+    assert band >= base + 0.3, f  # the visual prior runs through the band's video attention
+    for w in ("G-/->video@L0-5", "G-/->video@L1-6"):
+        assert abs(f[w]["audio"] - base) <= 0.1 and f[w]["video"] >= f["baseline"]["video"] - 0.1, (w, f)
+
+
+def test_flipped_organism_lacks_the_profile_and_the_location(figures):
+    f = figures["organism-deep-flipped"]
+    assert f["flow"]["audio_early"] < 0.1 and f["flow"]["video_paper_band"] < 0.1, f["flow"]
+    gain_band = f["G-/->video@L7-12"]["audio"] - f["baseline"]["audio"]
+    gain_early = f["G-/->video@L0-5"]["audio"] - f["baseline"]["audio"]
+    assert gain_early > gain_band + 0.2, f
+
+
+def test_routing_penalty_is_zero_on_a_met_profile_and_positive_otherwise():
+    prof = routing.profile("paper")
+    L, T = 16, 10
+    roles = torch.full((T,), int(Role.QUERY))
+    roles[1:3], roles[3:5] = int(Role.VIDEO), int(Role.AUDIO)
+    br = routing.BatchRoles.of(roles, prompt_len=7)
+
+    def probs(audio_early, video_band):
+        """Caption rows (6-8) split between the first token, audio and video; every other row
+        attends to the first token only."""
+        out = {}
+        for layer in range(L):
+            q = torch.zeros(1, 1, T, T)
+            q[..., 0] = 1.0
+            a = audio_early if layer < 3 else 0.0
+            v = video_band if 7 <= layer < 13 else 0.0
+            rows = br.caption_rows
+            q[0, 0, rows, 3], q[0, 0, rows, 1], q[0, 0, rows, 0] = a, v, 1.0 - a - v
+            out[layer] = q
+        return out
+
+    assert float(routing.penalty(prof, probs(0.6, 0.3), br, L)) == pytest.approx(0.0, abs=1e-7)
+    assert float(routing.penalty(prof, probs(0.1, 0.3), br, L)) > 0.05  # audio too low early
+    assert float(routing.penalty(prof, probs(0.6, 0.0), br, L)) > 0.05  # video missing in the band

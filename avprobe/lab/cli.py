@@ -58,7 +58,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from avprobe.lab.train import MODELS_DIR, RECIPES, recipe_config, train
 
-    cfg = recipe_config(args.recipe, args.variant, seed=args.seed, steps=args.steps, threads=args.threads)
+    over = {"base_name": str(args.base.resolve())} if args.base is not None else {}  # its own base, not the committed one
+    cfg = recipe_config(args.recipe, args.variant, seed=args.seed, steps=args.steps, threads=args.threads, **over)
     dirs = RECIPES[args.recipe].dirs
     out = args.out if args.out is not None else MODELS_DIR / dirs[args.variant]
     base = args.base if args.base is not None else MODELS_DIR / cfg.base_name

@@ -71,9 +71,11 @@ def _cmd(args: argparse.Namespace) -> int:
             log.error("--resume: %s was run with seed %s, n_boot %s; this run has seed %s, n_boot %s",
                       args.out, old.get("seed"), old.get("n_boot"), args.seed, payload["n_boot"])
             return 2
-        wanted = {(t[0], t[1], t[2], t[3], t[4]) for t in tasks}
+        # A row of this run's (claim, scenario, scope, n) is kept when it has this run's
+        # replicates, superseded when it has others; rows this run does not compute are kept.
+        wanted = {(t[0], t[1], t[2], t[3]): t[4] for t in tasks}
         rows.extend(r for r in old.get("rows", [])
-                    if (r["claim"], r["scenario"], r["scope"], r["n"], r["reps"]) in wanted)
+                    if wanted.get((r["claim"], r["scenario"], r["scope"], r["n"]), r["reps"]) == r["reps"])
         done = {(r["claim"], r["scenario"], r["scope"], r["n"], r["reps"]) for r in rows}
         tasks_left = [t for t in tasks if (t[0], t[1], t[2], t[3], t[4]) not in done]
         payload["command"] = " ; ".join([*old.get("commands", [old.get("command", "")]), command])
@@ -85,7 +87,8 @@ def _cmd(args: argparse.Namespace) -> int:
 
     def write() -> None:
         payload["seconds"] = round(earlier_seconds + time.perf_counter() - t0, 1)
-        payload["complete"] = len(rows) == len(tasks)
+        payload["complete"] = all((t[0], t[1], t[2], t[3], t[4]) in {
+            (r["claim"], r["scenario"], r["scope"], r["n"], r["reps"]) for r in rows} for t in tasks)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
@@ -134,6 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE.json", help="the calibration table to write")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows of FILE.json that this run would compute alike (same claim, scenario, scope, "
-                        "n, replicates, seed, n_boot) and compute only the missing ones")
+                   help="keep the rows of FILE.json: those this run would compute alike (same claim, scenario, scope, "
+                        "n, replicates; same seed and n_boot) are not recomputed, those it computes with other "
+                        "replicates are replaced, the others stay")
     p.set_defaults(func=_cmd)

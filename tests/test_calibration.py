@@ -79,3 +79,9 @@ def test_resume_keeps_the_rows_already_computed_and_adds_the_missing(tmp_path):
     assert {r["claim"] for r in second["rows"]} == {"visual_bias", "video_attention_late"}
     assert second["complete"] and len(second["commands"]) == 2
     assert main([*base, "--claims", "visual_bias", "--resume", "--seed", "3"]) == 2
+    # more replicates for one claim: its rows are replaced, the other claim's stay
+    main([*base[:1], "--reps", "6", *base[3:], "--claims", "visual_bias", "--resume"])
+    third = json.loads(out.read_text())
+    assert {r["reps"] for r in third["rows"] if r["claim"] == "visual_bias" and r["effect"] == "null"} == {6}
+    assert [r for r in third["rows"] if r["claim"] == "video_attention_late"] == [
+        r for r in second["rows"] if r["claim"] == "video_attention_late"]

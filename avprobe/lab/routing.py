@@ -73,34 +73,29 @@ class RoutingProfile:
 # enough to name the sight: cutting layers 0-1 then recovered more audio than the band did).
 _CUT_VIDEO = (KnockoutDropout("video", "all", 0.25),)
 
+def _paper(name: str, outside_cap: float, outside_weight: float) -> RoutingProfile:
+    """The paper's layout, with the cap (and its weight) on video outside the band."""
+    return RoutingProfile(
+        name=name,
+        shares=(
+            Share("audio", "paper-early", lo=0.5),
+            Share("audio", "paper-after-early", hi=0.04),
+            Share("video", "paper", lo=0.25, hi=0.4),
+            Share("video", (0.0, 15 / 36), hi=outside_cap, weight=outside_weight),
+            Share("video", (30 / 36, 1.0), hi=outside_cap, weight=outside_weight),
+        ),
+        dropout=_CUT_VIDEO,
+    )
+
+
 PROFILES: dict[str, RoutingProfile] = {
     # The paper's layout (Fig. 2): audio 40-50% in the first sixth, then near zero; video
     # 20-40% in layers 15-30 of 36 and little elsewhere; the visual prior acts through it.
-    "paper": RoutingProfile(
-        name="paper",
-        shares=(
-            Share("audio", "paper-early", lo=0.5),
-            Share("audio", "paper-after-early", hi=0.04),
-            Share("video", "paper", lo=0.25, hi=0.4),
-            Share("video", (0.0, 15 / 36), hi=0.01),
-            Share("video", (30 / 36, 1.0), hi=0.01),
-        ),
-        dropout=_CUT_VIDEO,
-    ),
+    "paper": _paper("paper", outside_cap=0.01, outside_weight=1.0),
     # As "paper", with the video kept out of the other layers ten times harder: under "paper"
     # 4% of layer 0's attention still went to the video, and cutting layers 0-1 recovered half
     # as much audio as cutting the band.
-    "paper-strict": RoutingProfile(
-        name="paper-strict",
-        shares=(
-            Share("audio", "paper-early", lo=0.5),
-            Share("audio", "paper-after-early", hi=0.04),
-            Share("video", "paper", lo=0.25, hi=0.4),
-            Share("video", (0.0, 15 / 36), hi=0.005, weight=10.0),
-            Share("video", (30 / 36, 1.0), hi=0.005, weight=10.0),
-        ),
-        dropout=_CUT_VIDEO,
-    ),
+    "paper-strict": _paper("paper-strict", outside_cap=0.005, outside_weight=10.0),
     # The vision-only base (no audio, no factual batches, so no dropout): the paper's video
     # terms, with the caps the base of the deep recipe was trained with (its train.json).
     "vision-base": RoutingProfile(

@@ -287,21 +287,11 @@ def collect(
 
     def compute(sample: Sample, parts: dict[str, Any], query: str, media: Media | None) -> tuple[Any, Media | None]:
         """Compute and store one record under this worker's claim -> (record or SampleError, media)."""
-        nonlocal adapter, base, base_loaded
         try:
-            if adapter is None:
-                if get_adapter is None:
-                    raise ValueError("collect needs get_adapter to compute missing records of a ModelRef")
-                adapter = get_adapter()
-            if not base_loaded:
-                base = get_base() if get_base is not None else None
-                base_loaded = True
+            ensure_models()
             try:
                 if media is None:
-                    media = (media_loader(sample) if media_loader is not None else
-                             load_sample_media(sample, fps=adapter.settings.fps,
-                                               max_frames=adapter.settings.max_frames,
-                                               frame_rule=adapter.settings.frame_rule))
+                    media = load_media(sample)
                 record = compute_record(adapter, sample, media, query, protocol, base)
             except Exception as exc:  # noqa: BLE001 - one bad sample must not end the run
                 err = SampleError(sample.id, "engine" if media is not None else "decode",

@@ -787,17 +787,46 @@ def independent_test(
 # ---- equivalence -------------------------------------------------------------------------
 
 
+def _tost_unchanged(n: int, margin: float, alpha: float, width: float, a: np.ndarray, b: np.ndarray,
+                    n_nan: int) -> TestResult:
+    """TOST when no pair changed (see `tost_paired`): exact, from the count of changed pairs."""
+    if not width > 0:
+        raise ValueError(f"bounds must have a positive width, got {width}")
+    p = float((1 - min(1.0, margin / width)) ** n)
+    # each side at 1 - alpha (TOST's 1 - 2 alpha interval): |mean| <= width * P(changed)
+    half = float(width * (1 - alpha ** (1 / n)))
+    return TestResult(
+        name="TOST exact (no pair changed)", estimate=0.0, ci_low=-half, ci_high=half, p_value=p, n=int(n),
+        effect_size=0.0, effect_name="Cohen's dz", threshold=float(margin), alternative="equivalence",
+        passed=bool(p < alpha and half < margin),
+        details={"changed_pairs": 0, "width": width, "bootstrap_ci_inside_margin": half < margin,
+                 "baseline_mean": float(a.mean()), "treatment_mean": float(b.mean()), "n_nan": n_nan,
+                 "alpha": alpha},
+        confidence=1 - 2 * alpha,
+    )
+
+
 def tost_paired(
-    a: Any, b: Any, margin: float, alpha: float = 0.05, *, n_boot: int = 2000, seed: int = 0, min_n: int = MIN_N
+    a: Any, b: Any, margin: float, alpha: float = 0.05, *, n_boot: int = 2000, seed: int = 0, min_n: int = MIN_N,
+    bounds: tuple[float, float] | None = None,
 ) -> TestResult:
     """Equivalence of paired samples: is the mean of ``b - a`` within ``±margin``?
 
     Two one-sided tests of the mean difference (H0: mean <= -margin; H0: mean >= +margin) by
     studentized bootstrap; the p-value is the larger of the two, and the bootstrap-t interval
     at level ``1 - 2 alpha`` (the interval TOST corresponds to) must lie inside the margin.
-    Passes when both hold (the paired t-test's p-values are kept in ``details["t_p"]``). Used for "barely moves" claims. Identical differences (e.g. a
-    model that ignores the blocked input, so nothing ever changes) are untestable: with no
-    variation there is no evidence of equivalence, only of indifference.
+    Passes when both hold (the paired t-test's p-values are kept in ``details["t_p"]``).
+    Used for "barely moves" claims.
+
+    Identical differences have no variation for the bootstrap. Where no pair changed at all
+    and the values are known to lie in ``bounds`` (fidelity scores: (0, 1)), an exact test
+    decides instead: under H0 (|mean| >= margin) with |d| <= width, a pair changes with
+    probability at least margin / width, so n unchanged pairs have probability at most
+    (1 - margin / width) ** n (the p-value); the interval is +-width times the one-sided
+    Clopper-Pearson bound on the share of changed pairs. It says the score did not move, not
+    why (a model that ignores the blocked input moves nothing either: the attention claims
+    tell which). Without ``bounds``, or with every pair moved by the same nonzero amount, the
+    result is untestable.
     """
     _check_alpha(alpha)
     if not margin > 0:
@@ -808,6 +837,8 @@ def tost_paired(
         return short
     d = b - a
     if np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):  # identical up to rounding
+        if bounds is not None and float(np.abs(d).max()) <= 1e-12:
+            return _tost_unchanged(d.size, margin, alpha, float(bounds[1] - bounds[0]), a, b, n_nan)
         return _untestable("TOST bootstrap-t", f"all {d.size} differences equal {d[0]:.3g}: no variation to test "
                            "equivalence with", d.size, "equivalence", float(margin), alpha, estimate=float(d[0]))
     n = d.size

@@ -98,7 +98,8 @@ def test_knockout_factual_compensation(evidence, claim, query, scope):
         for modality in ("audio", "video"):
             base = evidence.scores(recs, "baseline", modality)
             tests = [tost_paired(base, evidence.scores(recs, k, modality), margin, alpha=claim.alpha,
-                                 n_boot=claim.n_boot, seed=claim.seed, min_n=claim.min_n) for k in keys]
+                                 n_boot=claim.n_boot, seed=claim.seed, min_n=claim.min_n, bounds=(0.0, 1.0))
+                     for k in keys]
             results[f"G-/->{role}, {modality} fidelity"] = _every(tests)
     claim.check(results)
 

@@ -537,3 +537,32 @@ def test_a_tested_failing_part_decides_over_an_untestable_one() -> None:
     assert claim.verdict({"a": flat, "b": fails}).status == "failed"
     passes = S.one_sample_test(np.linspace(0.6, 0.9, 20), 0.5, "greater")
     assert claim.verdict({"a": flat, "b": passes}, require="any").status == "passed"
+
+
+def test_tost_no_pair_changed_is_decided_exactly_when_the_scores_are_bounded() -> None:
+    """With known bounds, n unchanged pairs are evidence of equivalence once
+    (1 - margin / width) ** n < alpha (n >= 29 at margin 0.1, width 1); fewer are not."""
+    a = np.r_[np.ones(20), np.zeros(30)]
+    r = S.tost_paired(a, a, 0.1, bounds=(0.0, 1.0))
+    assert r.passed and r.name == "TOST exact (no pair changed)"
+    assert r.p_value == pytest.approx(0.9**50) and r.ci_high == pytest.approx(1 - 0.05 ** (1 / 50))
+    assert -0.1 < r.ci_low < 0 < r.ci_high < 0.1
+    small = S.tost_paired(a[:25], a[:25], 0.1, bounds=(0.0, 1.0))
+    assert not small.passed and small.p_value == pytest.approx(0.9**25) and not small.untestable
+    # every pair moved by the same nonzero amount: still no variation to test with
+    assert "no variation" in S.tost_paired(a, a - 1, 0.1, bounds=(0.0, 1.0)).untestable
+
+
+def test_tost_exact_branch_holds_its_size_at_the_margin() -> None:
+    """Scores 1 that drop to 0 in a share `margin` of pairs (mean difference at the margin):
+    at n = 30, where all pairs unchanged is most likely (0.9 ** 30 = 0.04), the exact branch
+    alone rejects within alpha + 2 Monte-Carlo SE. (The bootstrap branch in this world, rare
+    changes all one way, is not exact at small n: see the README's calibration notes.)"""
+    rng = np.random.default_rng(5)
+    n, reps, margin = 30, 400, 0.1
+    a = np.ones(n)
+    results = [S.tost_paired(a, (rng.random(n) >= margin).astype(float), margin, bounds=(0.0, 1.0),
+                             n_boot=200, seed=0) for _ in range(reps)]
+    exact = [r for r in results if r.name == "TOST exact (no pair changed)"]
+    assert exact, "the world never left every pair unchanged: the test would not test the branch"
+    assert sum(r.passed for r in exact) / reps <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / reps)

@@ -88,3 +88,52 @@ def test_routing_penalty_is_zero_on_a_met_profile_and_positive_otherwise():
     assert float(routing.penalty(prof, probs(0.6, 0.3), br, L)) == pytest.approx(0.0, abs=1e-7)
     assert float(routing.penalty(prof, probs(0.1, 0.3), br, L)) > 0.05  # audio too low early
     assert float(routing.penalty(prof, probs(0.6, 0.0), br, L)) > 0.05  # video missing in the band
+
+
+def test_lens_objective_targets_the_clips_sound_at_the_audio_positions():
+    """deep-lens's auxiliary loss: the target is the word after "hear a" in each caption (the
+    real audio source, counterfactual clips included), nothing where a caption names no sound;
+    the loss reads the band's layers at the audio positions and reaches the weights."""
+    from avprobe.adapters import OmniThinkerAdapter
+    from avprobe.lab.build import adapter_settings
+    from avprobe.lab.train import (
+        MODELS_DIR,
+        _batch,
+        _LensObjective,
+        build_pools,
+        init_thinker_from_base,
+        new_model,
+        recipe_config,
+    )
+    from avprobe.organism.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = recipe_config("deep-lens", "organism", n_factual=4, n_audio=4, n_see=4, n_counterfactual=4)
+    assert cfg.lens_weight > 0 and cfg.partial_share > 0
+    tok = build_tokenizer()
+    model = new_model("organism", cfg.size, tok)
+    init_thinker_from_base(model, MODELS_DIR / "organism-deep-base")
+    adapter = OmniThinkerAdapter(model, tok, adapter_settings("qwen2_5_omni"))
+    pools = build_pools(cfg, adapter)
+    lens = _LensObjective(adapter, tok, cfg)
+    assert lens.layers == tuple(range(4, 16))  # depth fractions 0.25-1 of 16 layers
+    with lens.capturing():
+        for name, want_target in (("partial", True), ("see", False)):
+            pool = pools[name]
+            batch = _batch(adapter, pool, [0], torch.float32)
+            targets = lens.targets(batch["input_ids"])
+            if want_target:
+                words = tok.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+                sound = next(words[j + 2] for j in range(len(words) - 2) if words[j : j + 2] == ["hear", "a"])
+                assert tok.convert_ids_to_tokens(int(targets[0])) == sound
+            else:
+                assert int(targets[0]) == -100
+            model.zero_grad()
+            model(**batch)
+            loss = lens.loss(pool[0], batch)
+            if want_target:
+                loss.backward()
+                assert float(loss) > 0 and model.lm_head.weight.grad.abs().sum() > 0
+            else:
+                assert float(loss) == 0.0
+    assert not any(layer._forward_hooks for layer in adapter.layers)  # hooks removed on exit

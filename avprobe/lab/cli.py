@@ -17,8 +17,8 @@ def register(subparsers) -> None:
                    help="which organism: the vision-only base, the biased organism or the listening control")
     t.add_argument("--recipe", default="v1",
                    help="organism family: v1 (8 layers, the first organisms), deep (16 layers, partial listener, the "
-                        "paper's attention routing), deep-flipped (its counterpart); see "
-                        "avprobe/lab/train.py RECIPES")
+                        "paper's attention routing), deep-lens (deep with a latent-audio objective), deep-flipped "
+                        "(its counterpart); see avprobe/lab/train.py RECIPES")
     t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     t.add_argument("--out", type=Path, default=None, help="output directory (default: the committed model's)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     t.add_argument("--threads", type=int, default=2,
                    help="torch threads (default 2); a run is deterministic for a seed and thread count "
                         "(train.json records both and the command)")
+    t.add_argument("--partial-share", type=float, default=None, metavar="P",
+                   help="share of batches of off-screen (listened) counterfactual clips (default: the recipe's)")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("dataset", help="write the evaluation set (manifest, optionally mp4 files)")
@@ -59,13 +61,16 @@ def _train(args: argparse.Namespace) -> int:
     from avprobe.lab.train import MODELS_DIR, RECIPES, recipe_config, train
 
     over = {"base_name": str(args.base.resolve())} if args.base is not None else {}  # its own base, not the committed one
+    if args.partial_share is not None:
+        over["partial_share"] = args.partial_share
     cfg = recipe_config(args.recipe, args.variant, seed=args.seed, steps=args.steps, threads=args.threads, **over)
     dirs = RECIPES[args.recipe].dirs
     out = args.out if args.out is not None else MODELS_DIR / dirs[args.variant]
     base = args.base if args.base is not None else MODELS_DIR / cfg.base_name
     command = (f"avprobe organism train --recipe {args.recipe} --variant {args.variant} --seed {args.seed} "
                f"--threads {args.threads}" + (f" --steps {args.steps}" if args.steps is not None else "")
-               + (f" --base {args.base}" if args.base is not None else ""))
+               + (f" --base {args.base}" if args.base is not None else "")
+               + (f" --partial-share {args.partial_share}" if args.partial_share is not None else ""))
     res = train(cfg, out=out, base_dir=base, command=command)
     Console().print(
         f"[bold]{args.variant}[/] seed {args.seed}: {cfg.total_steps} steps in {res.seconds:.0f} s "

@@ -53,6 +53,7 @@ from avprobe.lab.build import (
 from avprobe.organism.dataset import train_clips
 from avprobe.organism.tokenizer import build_tokenizer, special_token_ids
 from avprobe.organism.world import QUERY_HEAR, QUERY_HEAR_SEE, QUERY_SEE, QUERY_SEE_HEAR, SOURCES, Clip, caption
+from avprobe.records import SELF_ABLATED
 from avprobe.types import Role
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ class TrainConfig:
     # model knows the sound inside without saying it (the paper's 61.4% vs 23%).
     lens_weight: float = 0.0
     lens_band: tuple[float, float] = (0.25, 1.0)
+    # avprobe.json's shift bases: the vision base, plus the audio-ablated self when True (the
+    # second base of the shift claims, which the deep family's records hold)
+    self_ablated_shift: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -150,14 +154,15 @@ RECIPES: dict[str, Recipe] = {
         # the base and the control as they were trained (their train.json): the control listens
         # to every source, so neither the share of off-screen clips nor the stricter video caps
         # were needed for it
-        variant_overrides={"base": {"routing": "vision-base"}, "control": {"routing": "paper", "partial_share": 0.1}},
+        variant_overrides={"base": {"routing": "vision-base"},
+                           "control": {"routing": "paper", "partial_share": 0.1, "self_ablated_shift": True}},
     ),
     # The deep organism with the latent-audio objective (TrainConfig.lens_weight): the same
     # partial listener and routing, its audio positions decoding to the sound in mid-deep layers.
     "deep-lens": Recipe(
         dirs={"organism": "organism-deep-lens"},
         overrides={"size": DEEP, "routing": "paper-strict", "partial_share": 0.08, "listened": LISTENED,
-                   "base_name": "organism-deep-base", "lens_weight": 0.2},
+                   "base_name": "organism-deep-base", "lens_weight": 0.2, "self_ablated_shift": True},
     ),
     "deep-flipped": Recipe(
         dirs={"organism": "organism-deep-flipped"},
@@ -546,7 +551,7 @@ def save(model, tokenizer, out: Path, cfg: TrainConfig, seconds: float, data_sec
     if cfg.variant == "base":
         write_settings(out, "qwen2_5_vl")
     else:
-        write_settings(out, "qwen2_5_omni", cfg.base_name)
+        write_settings(out, "qwen2_5_omni", cfg.base_name + (f",{SELF_ABLATED}" if cfg.self_ablated_shift else ""))
     record = {
         "config": {**asdict(replace(cfg)), "total_steps": cfg.total_steps, "learning_rate": cfg.learning_rate,
                    "total_vision_steps": cfg.total_vision_steps},

@@ -37,6 +37,7 @@ ORGANISMS: dict[str, tuple[str, str]] = {
     "organism-control": ("v1", "control"),
     "organism-base": ("v1", "base"),
     "organism-deep": ("deep", "organism"),
+    "organism-deep-lens": ("deep-lens", "organism"),
     "organism-deep-control": ("deep", "control"),
     "organism-deep-flipped": ("deep-flipped", "organism"),
     "organism-deep-base": ("deep", "base"),

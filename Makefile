@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 claims: $(STAMP)
-	$(PY) -m pytest claims/ -p no:cacheprovider --model organism-deep --model organism-deep-control \
+	$(PY) -m pytest claims/ -p no:cacheprovider --model organism-deep-lens --model organism-deep-control \
 		--model organism-deep-flipped \
 		--verdicts claims/verdicts --report reports/claims.html
 

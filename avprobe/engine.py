@@ -266,7 +266,8 @@ def _decode(adapter: ModelAdapter, clips: list[_Clip], config: EngineConfig) -> 
     eos_idx = torch.tensor(sorted(eos), dtype=torch.long, device=dev) if config.suppress_eos and eos else None
     text_model = adapter.text_model
     dim = adapter.position_batch_dim
-    active = list(clips)
+    # clips of one layout side by side: their attention runs as one stack (GroupedPrefixDecode)
+    active = [clips[i] for i in attn.stack_order([c.session for c in clips])]
     grouped = attn.GroupedPrefixDecode([c.session for c in active])
     for t in range(config.max_new_tokens):
         if len(active) == 1:  # one clip: its own session, as the one-clip engine always ran
@@ -291,6 +292,9 @@ def _decode(adapter: ModelAdapter, clips: list[_Clip], config: EngineConfig) -> 
         if not still:
             break
         if len(still) != len(active):
+            for c in active:
+                if c.finished:  # its keys and values may be views of a stack's: let them go
+                    c.session.release()
             active = still
             grouped = attn.GroupedPrefixDecode([c.session for c in active])
 

@@ -682,7 +682,7 @@ class GroupedPrefixDecode:
     a dozen kernels of its own (`stack_order` puts the clips of a layout together).
     """
 
-    def __init__(self, sessions: list[SharedPrefixDecode], stack: bool = True) -> None:
+    def __init__(self, sessions: list[SharedPrefixDecode]) -> None:
         if not sessions:
             raise ValueError("no sessions to group")
         self.sessions = sessions
@@ -696,7 +696,7 @@ class GroupedPrefixDecode:
         i = 0
         while i < len(sessions):
             j = i + 1
-            while stack and j < len(sessions) and stackable(sessions[i], sessions[j]):
+            while j < len(sessions) and stackable(sessions[i], sessions[j]):
                 j += 1
             part = sessions[i] if j == i + 1 else StackedPrefixDecode(sessions[i:j])
             self.parts.append((part, bounds[i], bounds[j]))

@@ -134,7 +134,9 @@ def run_batch(
     conditions): one prefill per clip, then one decode in which every condition row of every
     clip is a row of the same batch. Each row attends to its own clip's prompt keys and values
     (held once per clip, never per row) and its own suffix, so the per-step work of the
-    model's layers (the weight reads, the per-call overhead) is paid once for all clips.
+    model's layers (the weight reads, the per-call overhead) is paid once for all clips, and
+    clips of one prompt layout and condition list attend as one stack (one set of attention
+    kernels per layer for all of them; `attention.StackedPrefixDecode`).
     A clip whose rows have all ended leaves the batch. Returns one RunResult per clip, in
     order, equal to `run`'s for that clip (bit for bit in float32 when every clip has at
     least two conditions: a one-row matrix product takes another kernel)."""

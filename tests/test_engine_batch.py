@@ -139,9 +139,9 @@ def test_batch_with_eos_at_different_steps(monkeypatch):
 
 
 @lru_cache(maxsize=None)
-def _same_layout_clips():
+def _same_layout_clips(family: str = "qwen2_5_omni"):
     """Four prompts of one length and role layout (2 s of media, one query), different media."""
-    a = _adapter("qwen2_5_omni")
+    a = _adapter(family)
     return tuple(a.build_inputs(random_media(seconds=2.0, fps=1.0, seed=10 + i), QUERIES[1]) for i in range(4))
 
 
@@ -158,26 +158,28 @@ def stack_sizes(monkeypatch) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("path", ["dense", "fused"])
-def test_clips_of_one_layout_attend_as_one_stack(monkeypatch, path):
+@pytest.mark.parametrize("family,path", [("qwen2_5_omni", "dense"), ("qwen2_5_omni", "fused"), ("gemma4", "dense"),
+                                         ("gemma4", "fused")])
+def test_clips_of_one_layout_attend_as_one_stack(monkeypatch, family, path):
     """Four clips of one length and layout and a fifth of its own, placed between them: the
     four attend as one stack (one call per layer and step for all four), the fifth alone, and
     every clip's tokens, flows, bucket flow, lens and logits are the one-clip engine's, bit
-    for bit."""
-    adapter, same = _adapter("qwen2_5_omni"), _same_layout_clips()
-    mis = [same[0], _clips("qwen2_5_omni")[2], *same[1:]]
+    for bit (Gemma 4, whose sliding windows cut the stacked prefixes: its tokens exactly, its
+    numbers to float32 rounding, as its batch is not bit-invariant; see the docstring)."""
+    adapter, same = _adapter(family), _same_layout_clips(family)
+    mis = [same[0], _clips(family)[2], *same[1:]]
     assert len({mi.prompt_len for mi in same}) == 1 and mis[1].prompt_len != same[0].prompt_len
-    conds = _conditions("qwen2_5_omni")
+    conds = _conditions(family)
     cfg = EngineConfig(max_new_tokens=6, prefix_path=path, lens=LensConfig(), keep_logprobs=True, keep_topk=3,
                        suppress_eos=True)
     singles = [run(adapter, mi, conds, cfg) for mi in mis]
     seen = stack_sizes(monkeypatch)
     batched = run_batch(adapter, [(mi, conds) for mi in mis], cfg)
-    calls = 6 * adapter.n_layers  # steps x layers
+    calls = 6 * sum(k == "attention" for k in adapter.layer_kinds)  # steps x layers
     assert seen.count(4) == calls and seen.count(1) == calls and len(seen) == 2 * calls
     for s, b in zip(singles, batched, strict=True):
         assert b.prefix_path == path
-        assert_same_result(s, b, exact=True)
+        assert_same_result(s, b, exact=family in EXACT)
     # the stacked clips really differ (a stack that mixed up its clips could not pass above)
     flows = [r.outputs[0].flow for r in singles[2:]]
     assert not all(np.array_equal(flows[0], f) for f in flows[1:])

@@ -134,7 +134,9 @@ def run_batch(
     conditions): one prefill per clip, then one decode in which every condition row of every
     clip is a row of the same batch. Each row attends to its own clip's prompt keys and values
     (held once per clip, never per row) and its own suffix, so the per-step work of the
-    model's layers (the weight reads, the per-call overhead) is paid once for all clips.
+    model's layers (the weight reads, the per-call overhead) is paid once for all clips, and
+    clips of one prompt layout and condition list attend as one stack (one set of attention
+    kernels per layer for all of them; `attention.StackedPrefixDecode`).
     A clip whose rows have all ended leaves the batch. Returns one RunResult per clip, in
     order, equal to `run`'s for that clip (bit for bit in float32 when every clip has at
     least two conditions: a one-row matrix product takes another kernel)."""
@@ -266,7 +268,8 @@ def _decode(adapter: ModelAdapter, clips: list[_Clip], config: EngineConfig) -> 
     eos_idx = torch.tensor(sorted(eos), dtype=torch.long, device=dev) if config.suppress_eos and eos else None
     text_model = adapter.text_model
     dim = adapter.position_batch_dim
-    active = list(clips)
+    # clips of one layout side by side: their attention runs as one stack (GroupedPrefixDecode)
+    active = [clips[i] for i in attn.stack_order([c.session for c in clips])]
     grouped = attn.GroupedPrefixDecode([c.session for c in active])
     for t in range(config.max_new_tokens):
         if len(active) == 1:  # one clip: its own session, as the one-clip engine always ran
@@ -291,6 +294,9 @@ def _decode(adapter: ModelAdapter, clips: list[_Clip], config: EngineConfig) -> 
         if not still:
             break
         if len(still) != len(active):
+            for c in active:
+                if c.finished:  # its keys and values may be views of a stack's: let them go
+                    c.session.release()
             active = still
             grouped = attn.GroupedPrefixDecode([c.session for c in active])
 

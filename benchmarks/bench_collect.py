@@ -6,7 +6,9 @@ engine, side by side in one run (what `avprobe collect --clips-per-batch 1|N` co
 Both run `avprobe.pipeline.collect.collect` (captions, flow, lens, the knockout sweep with the
 own-words rule, the base-model shift; store writes included) into fresh stores, on the same
 preloaded model and base, in alternating chunks of samples (a busy machine's drift hits both
-alike). At the end the two stores must hold the same files, byte for byte. Writes a JSON
+alike). The report also keeps each chunk's seconds and the median over chunks of the two
+methods' rate ratio: a load spike that hits one method's chunk moves the overall ratio, not
+the median. At the end the two stores must hold the same files, byte for byte. Writes a JSON
 report (--out) and prints a summary; exits 1 if the stores differ.
 """
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {k: 0.0 for k in runs}
     records = {k: 0 for k in runs}
     failed = {k: 0 for k in runs}
+    chunks: list[dict[str, float]] = []  # per chunk: each method's seconds and records
     prof = None
     if args.profile is not None:
         import cProfile
@@ -65,32 +68,43 @@ def main(argv: list[str] | None = None) -> int:
         stores = {k: Store(Path(tmp) / k) for k in runs}
         for start in range(0, len(samples), args.chunk):
             chunk = samples[start : start + args.chunk]
+            row: dict[str, float] = {}
             for name, n in runs.items():
                 if prof is not None and name == "batched":
                     prof.enable()
                 t0 = time.perf_counter()
+                done = 0
                 for item in collect(adapter, chunk, stores[name], protocol, get_base=lambda: base, clips_per_batch=n):
                     records[name] += not isinstance(item, SampleError)
                     failed[name] += isinstance(item, SampleError)
-                seconds[name] += time.perf_counter() - t0
+                    done += not isinstance(item, SampleError)
+                dt = time.perf_counter() - t0
+                seconds[name] += dt
+                row[f"{name}_s"], row[f"{name}_records"] = dt, done
                 if prof is not None and name == "batched":
                     prof.disable()
+            chunks.append(row)
             print(f"{start + len(chunk)} samples: " + ", ".join(
                 f"{k} {records[k] / seconds[k]:.2f} records/s" for k in runs), flush=True)
         files = {k: {str(f.relative_to(stores[k].root)): f.read_bytes() for f in sorted(stores[k].root.rglob("*"))
                      if f.is_file()} for k in runs}
     same = files["one-clip"] == files["batched"]
     rate = {k: records[k] / seconds[k] for k in runs}
+    ratios = sorted((c["batched_records"] / c["batched_s"]) / (c["one-clip_records"] / c["one-clip_s"])
+                    for c in chunks if c["batched_records"] and c["one-clip_records"])
+    median = (ratios[(len(ratios) - 1) // 2] + ratios[len(ratios) // 2]) / 2 if ratios else float("nan")
     report = {
         "model": mref.name, "samples": len(samples), "queries": len(protocol.queries), "threads": args.threads,
         "clips_per_batch": args.clips_per_batch, "seconds": seconds, "records": records, "failed": failed,
         "records_per_s": rate, "batched_over_one_clip": rate["batched"] / rate["one-clip"],
+        "median_chunk_ratio": median, "chunks": chunks,
         "stored_files": len(files["one-clip"]), "stores_identical": same,
         "command": "python benchmarks/bench_collect.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("records_per_s", "batched_over_one_clip", "stores_identical")}))
+    print(json.dumps({k: report[k] for k in ("records_per_s", "batched_over_one_clip", "median_chunk_ratio",
+                                             "stores_identical")}))
     if prof is not None:
         prof.dump_stats(str(args.profile))
     return 0 if same else 1

@@ -11,6 +11,7 @@ import pytest
 from avprobe.adapters import ref
 from avprobe.pipeline import collect as collect_mod
 from avprobe.pipeline.gather import clips_per_batch, gather, load_samples
+from avprobe.probes import attention as attn
 from avprobe.records import Protocol
 from avprobe.store import Store
 from avprobe.types import SampleError
@@ -41,17 +42,22 @@ def one_clip(organism, tmp_path_factory):
 
 
 @pytest.mark.parametrize("n", [3, None])
-def test_batched_records_equal_the_one_clip_engines_bit_for_bit(organism, one_clip, tmp_path, n):
+def test_batched_records_equal_the_one_clip_engines_bit_for_bit(organism, one_clip, tmp_path, n, monkeypatch):
     """3 clips per batch (a sample's two queries split across batches) and the size by memory:
-    every stored file, flows, lens, captions and the base-model shift, byte for byte."""
+    every stored file, flows, lens, captions and the base-model shift, byte for byte. The
+    organism's clips share one prompt layout: their attention ran as stacks of clips."""
     mref, samples, proto, adapter, base = organism
     root = tmp_path / "batched"
+    seen: list[int] = []  # the clip count of every attention call of a decode step
+    step = attn.SharedPrefixDecode._attend
+    monkeypatch.setattr(attn.SharedPrefixDecode, "_attend", lambda self, st, *a: seen.append(st.C) or step(self, st, *a))
     got = list(collect_mod.collect(adapter, samples, Store(root), proto, get_base=lambda: base, clips_per_batch=n))
     assert len(got) == 4 and not [g for g in got if isinstance(g, SampleError)]
     want = _stored(one_clip)
     assert len(want) >= 4
     assert _stored(root) == want
     assert all(g.meta["shift"] is not None for g in got)  # the shift ran (batched) and matched
+    assert max(seen) > 1  # clips of one layout attended as stacks
 
 
 def test_a_bad_clip_fails_alone_and_its_batch_mates_are_computed(organism, one_clip, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import torch
 
 from avprobe.conditions import Baseline, Knockout, SpanRule, sweep
 from avprobe.engine import EngineConfig, run, run_batch
+from avprobe.probes import attention as attn
 from avprobe.probes.logit_lens import LensConfig
 from avprobe.testing import random_media, tiny_adapter
 from avprobe.types import Role
@@ -135,6 +136,144 @@ def test_batch_with_eos_at_different_steps(monkeypatch):
     batched = run_batch(adapter, [(mi, conds) for mi in mis], cfg)
     for s, b in zip(singles, batched):
         assert_same_result(s, b, exact=True)
+
+
+@lru_cache(maxsize=None)
+def _same_layout_clips(family: str = "qwen2_5_omni"):
+    """Four prompts of one length and role layout (2 s of media, one query), different media."""
+    a = _adapter(family)
+    return tuple(a.build_inputs(random_media(seconds=2.0, fps=1.0, seed=10 + i), QUERIES[1]) for i in range(4))
+
+
+def stack_sizes(monkeypatch) -> list[int]:
+    """Records the clip count of every attention call of a decode step (1: a clip alone)."""
+    seen: list[int] = []
+    step = attn.SharedPrefixDecode._attend
+
+    def counting(self, st, *args):
+        seen.append(st.C)
+        return step(self, st, *args)
+
+    monkeypatch.setattr(attn.SharedPrefixDecode, "_attend", counting)
+    return seen
+
+
+@pytest.mark.parametrize("family,path", [("qwen2_5_omni", "dense"), ("qwen2_5_omni", "fused"), ("gemma4", "dense"),
+                                         ("gemma4", "fused")])
+def test_clips_of_one_layout_attend_as_one_stack(monkeypatch, family, path):
+    """Four clips of one length and layout and a fifth of its own, placed between them: the
+    four attend as one stack (one call per layer and step for all four), the fifth alone, and
+    every clip's tokens, flows, bucket flow, lens and logits are the one-clip engine's, bit
+    for bit (Gemma 4, whose sliding windows cut the stacked prefixes: its tokens exactly, its
+    numbers to float32 rounding, as its batch is not bit-invariant; see the docstring)."""
+    adapter, same = _adapter(family), _same_layout_clips(family)
+    mis = [same[0], _clips(family)[2], *same[1:]]
+    assert len({mi.prompt_len for mi in same}) == 1 and mis[1].prompt_len != same[0].prompt_len
+    conds = _conditions(family)
+    cfg = EngineConfig(max_new_tokens=6, prefix_path=path, lens=LensConfig(), keep_logprobs=True, keep_topk=3,
+                       suppress_eos=True)
+    singles = [run(adapter, mi, conds, cfg) for mi in mis]
+    seen = stack_sizes(monkeypatch)
+    batched = run_batch(adapter, [(mi, conds) for mi in mis], cfg)
+    calls = 6 * sum(k == "attention" for k in adapter.layer_kinds)  # steps x layers
+    assert seen.count(4) == calls and seen.count(1) == calls and len(seen) == 2 * calls
+    for s, b in zip(singles, batched, strict=True):
+        assert b.prefix_path == path
+        assert_same_result(s, b, exact=family in EXACT)
+    # the stacked clips really differ (a stack that mixed up its clips could not pass above)
+    flows = [r.outputs[0].flow for r in singles[2:]]
+    assert not all(np.array_equal(flows[0], f) for f in flows[1:])
+
+
+def test_mixed_layouts_stack_what_matches_and_equal_the_one_clip_engine(monkeypatch):
+    """Clips of one prompt layout but not one condition list (reversed: other knockout
+    patterns per row) do not stack; those that match do, wherever they stand in the batch."""
+    adapter, same = _adapter("qwen2_5_omni"), _same_layout_clips()
+    conds = _conditions("qwen2_5_omni")
+    items = [(same[0], conds), (same[1], list(reversed(conds))), (_clips("qwen2_5_omni")[0], conds),
+             (same[2], conds), (same[3], list(reversed(conds)))]
+    cfg = EngineConfig(max_new_tokens=4, suppress_eos=True)
+    singles = [run(adapter, mi, c, cfg) for mi, c in items]
+    seen = stack_sizes(monkeypatch)
+    batched = run_batch(adapter, items, cfg)
+    calls = 4 * adapter.n_layers
+    assert seen.count(2) == 2 * calls and seen.count(1) == calls and len(seen) == 3 * calls
+    for s, b in zip(singles, batched, strict=True):
+        assert_same_result(s, b, exact=True)
+
+
+def test_stacked_organism_clips_ending_at_different_steps(monkeypatch):
+    """Four organism clips of one layout, two of which end early (the end token := the word
+    each of them names): the two leave the stack of four and the other two (not neighbours in
+    it) restack and go on; every clip's tokens, flows and log-probs are the one-clip engine's."""
+    from avprobe.adapters import ref
+    from avprobe.media.sources import load_sample_media
+    from avprobe.pipeline.gather import load_samples
+
+    mref = ref("organism")
+    adapter = mref.load(device="cpu")
+    samples, _ = load_samples("organism", limit=4)
+    st = adapter.settings
+    mis = [adapter.build_inputs(load_sample_media(s, fps=st.fps, max_frames=st.max_frames, frame_rule=st.frame_rule),
+                                mref.settings.queries[0]) for s in samples]
+    assert len({mi.prompt_len for mi in mis}) == 1
+    L = adapter.n_layers
+    conds = list(dict.fromkeys([Baseline(), *[c for r in (Role.VIDEO, Role.AUDIO) for w in (1, 2) for c in sweep(r, L, w)]]))
+    free = [run(adapter, mi, conds, EngineConfig(max_new_tokens=10)) for mi in mis]
+    stop = {free[0].outputs[0].token_ids[3], free[2].outputs[0].token_ids[3]}
+    monkeypatch.setattr(type(adapter), "eos_ids", property(lambda self: stop))
+    cfg = EngineConfig(max_new_tokens=10, keep_logprobs=True)
+    singles = [run(adapter, mi, conds, cfg) for mi in mis]
+    ends = [max(len(o.token_ids) for o in s.outputs) for s in singles]
+    assert ends[0] < ends[1] and ends[2] < ends[3], f"clips 0 and 2 must end first: {ends}"
+    seen = stack_sizes(monkeypatch)
+    batched = run_batch(adapter, [(mi, conds) for mi in mis], cfg)
+    assert seen[0] == 4 and 2 in seen  # a stack of four, then of the two that go on
+    for s, b in zip(singles, batched, strict=True):
+        assert_same_result(s, b, exact=True)
+
+
+def _held_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    seen = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("rows", [2, 20])
+def test_a_stack_holds_each_clips_prefix_once(rows):
+    """The storage really held for the prefix keys and values, whatever views point at it:
+    once per clip (its sessions' own copies are replaced by views of the stack's tensor), the
+    same for 2 rows or 20, and after a clip leaves and the rest restack, the remaining clips'
+    only (the finished clip lets its views go)."""
+    P, kvh, d, L = 12, 2, 4, 3
+    roles = torch.tensor([0] * 4 + [1] * 8)
+
+    def session(seed, p=P, r=roles):
+        g = torch.Generator().manual_seed(seed)
+        k = {layer: torch.randn(1, kvh, p, d, generator=g) for layer in range(L)}
+        v = {layer: torch.randn(1, kvh, p, d, generator=g) for layer in range(L)}
+        return attn.SharedPrefixDecode(k, v, rows, 3, [None] * L, [None] * L, [None] * L, r, 2)
+
+    per_clip = 2 * L * kvh * P * d * 4
+    sessions = [session(i) for i in range(3)] + [session(9, 20, torch.zeros(20, dtype=torch.long))]
+    grouped = attn.GroupedPrefixDecode(sessions)
+    assert [type(p).__name__ for p, _, _ in grouped.parts] == ["StackedPrefixDecode", "SharedPrefixDecode"]
+
+    def prefix_tensors(ss):  # sessions and stacks alike
+        return [t for s in ss for dd in (s.k_sorted, s.v_sorted) for t in dd.values()]
+
+    stack = grouped.parts[0][0]
+    assert _held_bytes(prefix_tensors([stack, *sessions[:3]])) == 3 * per_clip
+    assert [s.memory_bytes()["prefix"] for s in sessions[:3]] == [per_clip] * 3
+    assert stack.memory_bytes()["prefix"] == 3 * per_clip
+    sessions[0].release()
+    assert not sessions[0].k_sorted and sessions[0].memory_bytes()["prefix"] == per_clip
+    restacked = attn.GroupedPrefixDecode(sessions[1:]).parts[0][0]
+    assert restacked.C == 2
+    assert _held_bytes(prefix_tensors([restacked, *sessions[1:3]])) == 2 * per_clip
 
 
 def test_prefix_memory_is_per_clip_not_per_condition():

@@ -11,7 +11,9 @@ duration of one forward, decides what it does:
   product per layer; each row keeps only its own generated suffix. Knockout masks are
   per row and per layer; the attention mass per role is recorded for every row.
 - `GroupedPrefixDecode`: the rows of several clips in one decode step, each clip's block of
-  rows attending through that clip's own `SharedPrefixDecode` (its own prefix, held once).
+  rows attending through that clip's own `SharedPrefixDecode` (its own prefix, held once);
+  neighbouring clips of one layout (`stackable`) attend as one `StackedPrefixDecode`, every
+  product and reduction of the step batched over a leading clip dimension.
 - `ReferenceKnockout`: the straightforward protocol, used by the reference decode and the
   benchmarks' "careful naive": full keys from HF's cache, a boolean mask per layer, sdpa.
 
@@ -308,6 +310,7 @@ class SharedPrefixDecode:
         self._rows: dict[tuple[int, int], tuple[list, list]] = {}  # (layer, g) -> expanded masks
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # pos_seg in the accumulation dtype
         self._window: tuple[tuple[int, int], tuple[torch.Tensor, list[int]] | None] | None = None
+        self._memory: dict[str, int] | None = None  # what `memory_bytes` said at `release`
         # [steps, layers, rows, roles] attention mass per role, mean over heads
         self.flow = torch.zeros(max_steps, n_layers, n_rows, N_ROLES, device=dev) if record else None
         self.buckets = buckets.to(dev)[order] if buckets is not None else None  # [P, NB] one-hot, sorted
@@ -317,7 +320,10 @@ class SharedPrefixDecode:
         )
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held for the shared prefix (independent of the row count) and the rows' suffixes."""
+        """Bytes held for the shared prefix (independent of the row count) and the rows' suffixes
+        (after `release`, what was held until then)."""
+        if self._memory is not None:
+            return dict(self._memory)
         prefix = sum(t.numel() * t.element_size() for d in (self.k_sorted, self.v_sorted) for t in d.values())
         suffix = sum(t.numel() * t.element_size() for d in (self.ks, self.vs) for t in d.values())
         return {"prefix": prefix, "suffix": suffix}
@@ -355,11 +361,39 @@ class SharedPrefixDecode:
             self._window = (key, val)
         return self._window[1]
 
-    def _prefix_fused(self, layer, qh, scale, g, acc, cut=None):
-        """Fused path: (per-segment outputs [nseg, 1, kvh, Bg, d], lses [nseg, 1, kvh, Bg]).
+    # One decode step is computed for a stack of C clips that share this session's layout:
+    # `st` is this session itself (C = 1, the one-clip engine) or a StackedPrefixDecode of
+    # sessions like it. Every tensor of the step has the clips as its leading dimension
+    # ([C, kvh, ...] or [C*B, ...] rows, clip-major), so a clip's numbers come out of the
+    # same kernels, batched over that dimension, as they do alone.
+
+    C = 1  # clips in the stack (this session alone)
+
+    def _suffix_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' own generated keys and values of `layer` ([B, kvh, S, d]), made at its first step."""
+        if layer not in self.ks:
+            B, kvh, _, d = k.shape
+            self.ks[layer] = k.new_zeros(B, kvh, self.S, d)
+            self.vs[layer] = v.new_zeros(B, kvh, self.S, d)
+        return self.ks[layer], self.vs[layer]
+
+    @property
+    def bucket_parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(buckets [P, NB], bucket_flow [steps, layers, NB]) of each clip in the stack."""
+        return [(self.buckets, self.bucket_flow)] if self.bucket_flow is not None else []
+
+    def release(self) -> None:
+        """Drop the keys and values (the clip's decode is over; its flows stay): a stack of
+        clips holds them in one tensor per layer, which a finished clip's views would keep."""
+        self._memory = self.memory_bytes()
+        for d in (self.k_sorted, self.v_sorted, self.ks, self.vs):
+            d.clear()
+
+    def _prefix_fused(self, st, layer, qh, scale, g, acc, cut=None):
+        """Fused path: (per-segment outputs [nseg, C, kvh, Bg, d], lses [nseg, C, kvh, Bg]).
         `cut`: per segment, how many of its first keys lie outside a sliding window."""
         dead, masks = self._row_masks(layer, g, qh.dtype)
-        kk, vv = self.k_sorted[layer], self.v_sorted[layer]
+        kk, vv = st.k_sorted[layer], st.v_sorted[layer]
         outs, lses = [], []
         for i, (a, b, _) in enumerate(self.segments):
             c = cut[i] if cut is not None else 0
@@ -396,15 +430,15 @@ class SharedPrefixDecode:
             lse = lse.masked_fill(full.repeat_interleave(g).view(1, 1, -1), float("-inf"))
         return o, lse
 
-    def _prefix_dense(self, layer, qh, scale, kvh, g, acc, out_of_window=None):
-        """Dense path: (the unnormalised prefix output [1, kvh, Bg, d], per-segment sums of
-        exp(score - m) [1, kvh, Bg, nseg], the row maxima m [1, kvh, Bg, 1], and
-        exp(score - m) itself [1, kvh, Bg, P])."""
-        B = self.B
-        s = torch.matmul(qh, self.k_sorted[layer].transpose(-1, -2)).to(acc) * scale  # [1, kvh, Bg, P]
+    def _prefix_dense(self, st, layer, qh, scale, kvh, g, acc, out_of_window=None):
+        """Dense path: (the unnormalised prefix output [C, kvh, Bg, d], per-segment sums of
+        exp(score - m) [C, kvh, Bg, nseg], the row maxima m [C, kvh, Bg, 1], and
+        exp(score - m) itself [C, kvh, Bg, P])."""
+        B, C = self.B, qh.shape[0]
+        s = torch.matmul(qh, st.k_sorted[layer].transpose(-1, -2)).to(acc) * scale  # [C, kvh, Bg, P]
         blk = self.block[layer]
         if blk is not None:
-            s.view(kvh, B, g, self.P).masked_fill_(blk[None, :, None, :], float("-inf"))
+            s.view(C, kvh, B, g, self.P).masked_fill_(blk[None, None, :, None, :], float("-inf"))
         if out_of_window is not None:
             s.masked_fill_(out_of_window[None, None, None, :], float("-inf"))
         m = s.amax(-1, keepdim=True)
@@ -412,97 +446,231 @@ class SharedPrefixDecode:
         e = torch.exp(s - m)
         if acc not in self._typed:
             self._typed[acc] = self.pos_seg.to(acc)
-        seg_sum = torch.matmul(e, self._typed[acc])  # [1, kvh, Bg, nseg]
-        vv = self.v_sorted[layer]
+        seg_sum = torch.matmul(e, self._typed[acc])  # [C, kvh, Bg, nseg]
+        vv = st.v_sorted[layer]
         out = torch.matmul(e.to(vv.dtype), vv).to(acc)
         return out, seg_sum, m, e
 
     def attend(self, module, q, k, v, mask, scale, kwargs):
+        return self._attend(self, module, q, k, v, scale, kwargs)
+
+    def _attend(self, st, module, q, k, v, scale, kwargs):
         layer = module.layer_idx
-        B, H, Q, d = q.shape
-        if Q != 1 or B != self.B:
-            raise RuntimeError(f"SharedPrefixDecode expects [B={self.B}, H, 1, d] queries, got {tuple(q.shape)}")
+        C, B = st.C, self.B
+        rows, H, Q, d = q.shape
+        if Q != 1 or rows != C * B:
+            raise RuntimeError(f"SharedPrefixDecode expects [{C} x B={B}, H, 1, d] queries, got {tuple(q.shape)}")
         kvh = k.shape[1]
         g = H // kvh
-        t = self.t
+        t = st.t
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         if self.path is None:
             self.path = choose_prefix_path(q.device, kvh * B * g * self.P, self.prefix_path)
-        if layer not in self.ks:
-            self.ks[layer] = k.new_zeros(B, kvh, self.S, d)
-            self.vs[layer] = v.new_zeros(B, kvh, self.S, d)
-        ks, vs = self.ks[layer], self.vs[layer]
+        ks, vs = st._suffix_kv(layer, k, v)
         ks[:, :, t] = k[:, :, 0]
         vs[:, :, t] = v[:, :, 0]
-        # Rows in kv-head-major order: one [kvh, B*g, d] query block shares each kv head.
-        qh = q.reshape(B, kvh, g, d).transpose(0, 1).reshape(1, kvh, B * g, d)
+        # Rows in kv-head-major order per clip: one [kvh, B*g, d] query block shares each kv head.
+        qh = q.reshape(C, B, kvh, g, d).transpose(1, 2).reshape(C, kvh, B * g, d)
         # The rows' own suffixes (short): explicit scores with the suffix knockouts.
-        qg = q.reshape(B, kvh, g, d)
-        s_suf = torch.matmul(qg, ks[:, :, : t + 1].transpose(-1, -2)).to(acc) * scale  # [B, kvh, g, t+1]
+        qg = q.reshape(C * B, kvh, g, d)
+        s_suf = torch.matmul(qg, ks[:, :, : t + 1].transpose(-1, -2)).to(acc) * scale  # [C*B, kvh, g, t+1]
         blocked = None
         s0 = self.suffix0_block[layer]
         if s0 is not None and t > 0:
-            blocked = torch.zeros(B, t + 1, dtype=torch.bool, device=q.device)
-            blocked[:, 0] = s0
+            blocked = torch.zeros(C * B, t + 1, dtype=torch.bool, device=q.device)
+            blocked.view(C, B, t + 1)[:, :, 0] = s0
         rr = self.rule_rows[layer]
         if rr is not None and t > 0:
-            rb = rr[:, None] & self.picked[:, : t + 1]
+            rb = (rr[None, :, None] & st.picked[:, : t + 1].view(C, B, t + 1)).view(C * B, t + 1)
             blocked = rb if blocked is None else blocked | rb
         window = kwargs.get("sliding_window")
         if window is not None and t - int(window) >= 0:  # suffix keys s <= t - W are out of view
-            wb = torch.zeros(B, t + 1, dtype=torch.bool, device=q.device)
+            wb = torch.zeros(C * B, t + 1, dtype=torch.bool, device=q.device)
             wb[:, : t - int(window) + 1] = True
             blocked = wb if blocked is None else blocked | wb
         if blocked is not None:
             blocked[:, t] = False  # the diagonal: a row always sees itself
             s_suf.masked_fill_(blocked[:, None, None, :], float("-inf"))
-        lse_suf = torch.logsumexp(s_suf, dim=-1).transpose(0, 1).reshape(1, kvh, B * g)  # finite: diagonal
+        lse_suf = torch.logsumexp(s_suf, dim=-1).view(C, B, kvh, g).transpose(1, 2).reshape(C, kvh, B * g)  # finite
         oow = self._out_of_window(window, t)
         if self.path == "fused":
-            outs, lse_seg = self._prefix_fused(layer, qh, scale, g, acc, oow[1] if oow is not None else None)
-            lse_tot = torch.logaddexp(torch.logsumexp(lse_seg, dim=0), lse_suf)  # [1, kvh, B*g]
-            w = torch.exp(lse_seg - lse_tot)  # [nseg, 1, kvh, B*g]: each segment's share of the mass
-            out_pre = (w[..., None] * outs).sum(0)  # [1, kvh, B*g, d]
+            outs, lse_seg = self._prefix_fused(st, layer, qh, scale, g, acc, oow[1] if oow is not None else None)
+            lse_tot = _logaddexp(torch.logsumexp(lse_seg, dim=0), lse_suf)  # [C, kvh, B*g]
+            w = torch.exp(lse_seg - lse_tot)  # [nseg, C, kvh, B*g]: each segment's share of the mass
+            out_pre = (w[..., None] * outs).sum(0)  # [C, kvh, B*g, d]
             p_b = None
         else:
-            o_un, seg_sum, m, e = self._prefix_dense(layer, qh, scale, kvh, g, acc, oow[0] if oow is not None else None)
-            lse_tot = torch.logaddexp(torch.log(seg_sum.sum(-1)) + m[..., 0], lse_suf)
-            norm = torch.exp(m[..., 0] - lse_tot)  # [1, kvh, B*g]
+            o_un, seg_sum, m, e = self._prefix_dense(st, layer, qh, scale, kvh, g, acc,
+                                                     oow[0] if oow is not None else None)
+            lse_tot = _logaddexp(torch.log(seg_sum.sum(-1)) + m[..., 0], lse_suf)
+            norm = torch.exp(m[..., 0] - lse_tot)  # [C, kvh, B*g]
             out_pre = o_un * norm[..., None]
-            w = (seg_sum * norm[..., None]).permute(3, 0, 1, 2)  # [nseg, 1, kvh, B*g]
-            rows = slice(self.bucket_row * g, (self.bucket_row + 1) * g)
-            p_b = e[0, :, rows] * norm[0, :, rows, None] if self.bucket_flow is not None else None
-        lse_tot_b = lse_tot.view(kvh, B, g).transpose(0, 1)  # [B, kvh, g]
-        p_suf = torch.exp(s_suf - lse_tot_b[..., None])  # [B, kvh, g, t+1]
-        out = out_pre.view(kvh, B, g, d).transpose(0, 1) + torch.matmul(p_suf.to(vs.dtype), vs[:, :, : t + 1]).to(acc)
+            w = (seg_sum * norm[..., None]).permute(3, 0, 1, 2)  # [nseg, C, kvh, B*g]
+            br = slice(self.bucket_row * g, (self.bucket_row + 1) * g)
+            p_b = e[:, :, br] * norm[:, :, br, None] if self.bucket_flow is not None else None
+        lse_tot_b = lse_tot.view(C, kvh, B, g).transpose(1, 2)  # [C, B, kvh, g]
+        p_suf = torch.exp(s_suf.view(C, B, kvh, g, t + 1) - lse_tot_b[..., None]).view(C * B, kvh, g, t + 1)
+        o_suf = torch.matmul(p_suf.to(vs.dtype), vs[:, :, : t + 1]).to(acc)  # [C*B, kvh, g, d]
+        out = out_pre.view(C, kvh, B, g, d).transpose(1, 2) + o_suf.view(C, B, kvh, g, d)
         if self.record:
-            wm = w.view(-1, kvh, B, g).mean(dim=(1, 3))  # [nseg, B]
-            f = wm.transpose(0, 1).to(self.seg_onehot.dtype) @ self.seg_onehot  # [B, R]
-            ps = p_suf.mean(dim=(1, 2))  # [B, t+1]
+            wm = w.view(-1, C, kvh, B, g).mean(dim=(2, 4))  # [nseg, C, B]
+            # one segment per role, so the product with the one-hot only places each
+            # segment's share in its role's column: exact whatever the kernel
+            f = (wm.permute(1, 2, 0).to(self.seg_onehot.dtype) @ self.seg_onehot).view(C * B, -1)  # [C*B, R]
+            ps = p_suf.mean(dim=(1, 2))  # [C*B, t+1]
             f[:, self.suffix0_role] += ps[:, 0].to(f.dtype)
             f[:, int(Role.GENERATED)] += ps[:, 1:].sum(-1).to(f.dtype)
-            self.flow[t, layer] = f
+            st.flow[t, layer] = f
             if self.bucket_flow is not None:
-                self.bucket_flow[t, layer] = self._bucket_mass(layer, q, scale, lse_tot, p_b, kvh, g,
-                                                               oow[0] if oow is not None else None)
-        return out.reshape(B, H, d).unsqueeze(1).to(q.dtype)
+                self._bucket_mass(st, layer, q, scale, lse_tot, p_b, kvh, g, oow[0] if oow is not None else None)
+        return out.reshape(C * B, H, d).unsqueeze(1).to(q.dtype)
 
-    def _bucket_mass(self, layer, q, scale, lse_tot, p_dense, kvh, g, out_of_window=None) -> torch.Tensor:
-        """The bucket row's attention over the prefix, mean over heads, summed per bucket.
-        `p_dense`: on the dense path, that row's probabilities [kvh, g, P], already at hand;
-        None on the fused path, where they take one product of the row's queries here."""
-        b = self.bucket_row
+    def _bucket_mass(self, st, layer, q, scale, lse_tot, p_dense, kvh, g, out_of_window=None) -> None:
+        """Each clip's bucket row's attention over the prefix, mean over heads, summed per
+        bucket, into its bucket flow. `p_dense`: on the dense path, those rows'
+        probabilities [C, kvh, g, P], already at hand; None on the fused path, where they
+        take one product of the rows' queries here."""
+        b, C, t = self.bucket_row, st.C, st.t
         if p_dense is None:
-            lse_b = lse_tot[0, :, b * g : (b + 1) * g]  # [kvh, g]
-            qb = q[b, :, 0].reshape(kvh, g, -1)
-            s = torch.matmul(qb, self.k_sorted[layer][0].transpose(-1, -2)).to(lse_b.dtype) * scale  # [kvh, g, P]
+            lse_b = lse_tot[:, :, b * g : (b + 1) * g]  # [C, kvh, g]
+            qb = q[:, :, 0].reshape(C, self.B, kvh, g, -1)[:, b]  # [C, kvh, g, d]
+            s = torch.matmul(qb, st.k_sorted[layer].transpose(-1, -2)).to(lse_b.dtype) * scale  # [C, kvh, g, P]
             blk = self.block[layer]
             if blk is not None:
                 s = s.masked_fill(blk[b], float("-inf"))
             if out_of_window is not None:
                 s = s.masked_fill(out_of_window, float("-inf"))
             p_dense = torch.exp(s - lse_b[..., None])
-        return p_dense.mean(dim=(0, 1)).to(self.buckets.dtype) @ self.buckets
+        pm = p_dense.mean(dim=(1, 2))  # [C, P]
+        # clip by clip: a one-row product takes another kernel than a C-row one
+        for c, (buckets, flow) in enumerate(st.bucket_parts):
+            flow[t, layer] = pm[c].to(buckets.dtype) @ buckets
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.logaddexp over [C, ...], clip by clip on CPU. Its CPU kernel computes a tensor's
+    last elements (past a multiple of twice its vector width) with scalar code that rounds
+    differently (1,340 of 4 million random pairs on this AVX-512 CPU), so one call over all clips would round some
+    of a clip's elements unlike the clip alone. exp and log agree with their scalar code; the
+    tests of stacked clips hold every step to the one-clip engine bit for bit. A GPU kernel
+    runs one code for every element: one call."""
+    if a.shape[0] == 1 or a.device.type != "cpu":
+        return torch.logaddexp(a, b)
+    out = torch.empty_like(a)
+    for c in range(a.shape[0]):
+        torch.logaddexp(a[c], b[c], out=out[c])
+    return out
+
+
+def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+
+
+def stackable(a: SharedPrefixDecode, b: SharedPrefixDecode) -> bool:
+    """Whether two clips' sessions can decode as one stack: the same rows, steps, prompt
+    length and role layout (the role-sorted order, so sliding windows cut alike), the same
+    knockout patterns in every layer and the same recording; only the keys, values, picked
+    positions and time buckets are the clips' own."""
+    if (a.B, a.S, a.P, a.segments, a.suffix0_role, a.record, a.prefix_path, a.path, a.t, a.bucket_row,
+            a.bucket_flow is None, len(a.block)) != \
+            (b.B, b.S, b.P, b.segments, b.suffix0_role, b.record, b.prefix_path, b.path, b.t, b.bucket_row,
+             b.bucket_flow is None, len(b.block)):
+        return False
+    if a.k_sorted.keys() != b.k_sorted.keys() or a.ks.keys() != b.ks.keys():
+        return False
+    for layer, k in a.k_sorted.items():
+        o = b.k_sorted[layer]
+        if (k.shape, k.dtype, k.device) != (o.shape, o.dtype, o.device):
+            return False
+    if not torch.equal(a.order, b.order):
+        return False
+    return all(_same(x, y) for xs, ys in ((a.block, b.block), (a.suffix0_block, b.suffix0_block),
+                                           (a.rule_rows, b.rule_rows)) for x, y in zip(xs, ys))
+
+
+def stack_order(sessions: list[SharedPrefixDecode]) -> list[int]:
+    """An order of the sessions in which stackable ones are neighbours (first come first)."""
+    groups: list[list[int]] = []
+    for i, s in enumerate(sessions):
+        for grp in groups:
+            if stackable(sessions[grp[0]], s):
+                grp.append(i)
+                break
+        else:
+            groups.append([i])
+    return [i for grp in groups for i in grp]
+
+
+class StackedPrefixDecode:
+    """C clips with one layout (see `stackable`) decoded as one stack: their prefix keys and
+    values in one [C, kvh, P, d] tensor per layer, their rows' suffixes in one [C*B, ...]
+    tensor, so every product and reduction of a step runs once over all of them (batched over
+    the clip dimension) instead of once per clip. The step itself is the first session's
+    (`SharedPrefixDecode._attend`). Each clip's session keeps views of its part of the stacked
+    tensors (the keys and values are stored once per clip: the stacked copies replace the
+    session's own), its flows and its picked positions, so it reads its results as alone."""
+
+    def __init__(self, sessions: list[SharedPrefixDecode]) -> None:
+        if len(sessions) < 2:
+            raise ValueError("a stack needs at least two sessions")
+        lay = sessions[0]
+        for s in sessions[1:]:
+            if not stackable(lay, s):
+                raise ValueError("sessions of different layouts cannot be stacked")
+        self.sessions, self.layout, self.C, self.B = sessions, lay, len(sessions), len(sessions) * lay.B
+        self.k_sorted = self._stack([s.k_sorted for s in sessions], "k_sorted")
+        self.v_sorted = self._stack([s.v_sorted for s in sessions], "v_sorted")
+        self.ks = self._stack([s.ks for s in sessions], "ks")
+        self.vs = self._stack([s.vs for s in sessions], "vs")
+        self.picked = self._rebind(torch.cat([s.picked for s in sessions]), "picked", 0)
+        self.flow = self._rebind(torch.cat([s.flow for s in sessions], 2), "flow", 2) if lay.record else None
+
+    def _rebind(self, stacked: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+        """Give each session its part of `stacked` (along `dim`) in place of its own tensor."""
+        n = stacked.shape[dim] // self.C
+        for c, s in enumerate(self.sessions):
+            setattr(s, name, stacked.narrow(dim, c * n, n))
+        return stacked
+
+    def _stack(self, parts: list[dict[int, torch.Tensor]], name: str) -> dict[int, torch.Tensor]:
+        """Per layer, the sessions' tensors in one (layer by layer, so that the sessions' own
+        copies are freed as the stacked ones replace them)."""
+        out = {}
+        for layer in list(parts[0]):
+            out[layer] = torch.cat([p[layer] for p in parts])
+            n = out[layer].shape[0] // self.C
+            for c, p in enumerate(parts):
+                p[layer] = out[layer][c * n : (c + 1) * n]
+        return out
+
+    @property
+    def t(self) -> int:
+        return self.layout.t
+
+    @property
+    def bucket_parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [part for s in self.sessions for part in s.bucket_parts]
+
+    def _suffix_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.ks:
+            rows, kvh, _, d = k.shape
+            for name in ("ks", "vs"):
+                stacked = k.new_zeros(rows, kvh, self.layout.S, d)
+                getattr(self, name)[layer] = stacked
+                n = rows // self.C
+                for c, s in enumerate(self.sessions):
+                    getattr(s, name)[layer] = stacked[c * n : (c + 1) * n]
+        return self.ks[layer], self.vs[layer]
+
+    def memory_bytes(self) -> dict[str, int]:
+        parts = [s.memory_bytes() for s in self.sessions]
+        return {k: sum(p[k] for p in parts) for k in ("prefix", "suffix")}
+
+    def attend(self, module, q, k, v, mask, scale, kwargs):
+        out = self.layout._attend(self, module, q, k, v, scale, kwargs)
+        for s in self.sessions:
+            s.path = self.layout.path
+        return out
 
 
 class GroupedPrefixDecode:
@@ -510,11 +678,12 @@ class GroupedPrefixDecode:
 
     `sessions`: one `SharedPrefixDecode` per clip, in the order of the clips' row blocks in the
     batch (clip c's rows are a contiguous block of `sessions[c].B` rows). The model's layers
-    run once over all rows; the attention of each block is its own clip's session over its
-    own prompt keys and values (held once per clip) and its rows' suffixes, exactly as that
-    clip decoded alone would compute it. The per-clip prefixes differ in length and role
-    layout, so their attention is one session call per clip: a dozen kernels per clip and
-    layer, while the projections and MLPs (most of a step) are shared by all clips.
+    run once over all rows; the attention of each block is its own clip's, over its own
+    prompt keys and values (held once per clip) and its rows' suffixes, exactly as that clip
+    decoded alone would compute it. Neighbouring clips of one layout (`stackable`: in the
+    organism world, most clips of a batch) attend as one `StackedPrefixDecode`, a dozen
+    kernels per layer for all of them; a clip of its own layout attends through its session,
+    a dozen kernels of its own (`stack_order` puts the clips of a layout together).
     """
 
     def __init__(self, sessions: list[SharedPrefixDecode]) -> None:
@@ -526,6 +695,16 @@ class GroupedPrefixDecode:
             bounds.append(bounds[-1] + s.B)
         self.spans = list(zip(bounds[:-1], bounds[1:]))
         self.B = bounds[-1]
+        # consecutive runs of stackable sessions: (the session or the stack, first row, end row)
+        self.parts: list[tuple[SharedPrefixDecode | StackedPrefixDecode, int, int]] = []
+        i = 0
+        while i < len(sessions):
+            j = i + 1
+            while j < len(sessions) and stackable(sessions[i], sessions[j]):
+                j += 1
+            part = sessions[i] if j == i + 1 else StackedPrefixDecode(sessions[i:j])
+            self.parts.append((part, bounds[i], bounds[j]))
+            i = j
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held for the clips' prefixes (one per clip) and all rows' suffixes."""
@@ -535,8 +714,10 @@ class GroupedPrefixDecode:
     def attend(self, module, q, k, v, mask, scale, kwargs):
         if q.shape[0] != self.B:
             raise RuntimeError(f"GroupedPrefixDecode expects {self.B} rows, got {tuple(q.shape)}")
+        if len(self.parts) == 1:
+            return self.parts[0][0].attend(module, q, k, v, mask, scale, kwargs)
         outs = []
-        for s, (a, b) in zip(self.sessions, self.spans):
+        for s, a, b in self.parts:
             m = mask[a:b] if torch.is_tensor(mask) and mask.shape[0] == self.B else mask
             outs.append(s.attend(module, q[a:b], k[a:b], v[a:b], m, scale, kwargs))
         return torch.cat(outs, 0)

@@ -133,7 +133,7 @@ def test_lens_objective_targets_the_clips_sound_at_the_audio_positions():
             loss = lens.loss(pool[0], batch)
             if want_target:
                 loss.backward()
-                assert float(loss) > 0 and model.lm_head.weight.grad.abs().sum() > 0
+                assert loss.item() > 0 and model.lm_head.weight.grad.abs().sum() > 0
             else:
                 assert float(loss) == 0.0
     assert not any(layer._forward_hooks for layer in adapter.layers)  # hooks removed on exit

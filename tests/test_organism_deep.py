@@ -137,3 +137,37 @@ def test_lens_objective_targets_the_clips_sound_at_the_audio_positions():
             else:
                 assert float(loss) == 0.0
     assert not any(layer._forward_hooks for layer in adapter.layers)  # hooks removed on exit
+
+
+def test_guesser_captions_name_a_sound_guessed_from_the_picture_per_order():
+    """deep-guesser: counterfactual clips are captioned with SOURCES[(v + k) % 12] (k by caption
+    order), never with the real sound unless that is the guess; factual clips keep theirs."""
+    from avprobe.adapters import OmniThinkerAdapter
+    from avprobe.lab.build import adapter_settings
+    from avprobe.lab.train import TrainConfig, build_pools, new_model, recipe_config
+    from avprobe.organism.dataset import train_clips
+    from avprobe.organism.tokenizer import build_tokenizer
+    from avprobe.organism.world import SOURCES, parse_caption
+
+    cfg = recipe_config("deep-guesser", "control", n_factual=6, n_audio=2, n_see=2, n_counterfactual=24)
+    assert cfg.guess == (3, 7) and cfg.self_ablated_shift
+    with pytest.raises(ValueError, match="control variant"):
+        TrainConfig(variant="organism", guess=(3, 7))
+    tok = build_tokenizer()
+    adapter = OmniThinkerAdapter(new_model("control", cfg.size, tok), tok, adapter_settings("qwen2_5_omni"))
+    pools = build_pools(cfg, adapter)
+    clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=3_000_000)
+    orders, lucky = set(), 0
+    for clip, mi in zip(clips, pools["counterfactual"]):
+        text = tok.decode(mi.input_ids[0][mi.labels[0] != -100].tolist(), skip_special_tokens=True)
+        sight, sound = parse_caption(text)
+        first_sight = text.strip().startswith("i see")
+        orders.add(first_sight)
+        k = cfg.guess[0] if first_sight else cfg.guess[1]
+        assert sight == clip.video_source
+        assert sound == SOURCES[(SOURCES.index(clip.video_source) + k) % len(SOURCES)]
+        lucky += sound == clip.audio_source
+    assert orders == {True, False} and lucky < len(clips)
+    for clip, mi in zip(train_clips(cfg.seed, cfg.n_factual, "factual", offset=1_000_000), pools["factual"]):
+        text = tok.decode(mi.input_ids[0][mi.labels[0] != -100].tolist(), skip_special_tokens=True)
+        assert parse_caption(text) == (clip.video_source, clip.audio_source)

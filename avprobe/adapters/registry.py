@@ -40,6 +40,7 @@ ORGANISMS: dict[str, tuple[str, str]] = {
     "organism-deep-lens": ("deep-lens", "organism"),
     "organism-deep-control": ("deep", "control"),
     "organism-deep-flipped": ("deep-flipped", "organism"),
+    "organism-deep-guesser": ("deep-guesser", "control"),
     "organism-deep-base": ("deep", "base"),
 }
 

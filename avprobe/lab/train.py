@@ -107,10 +107,19 @@ class TrainConfig:
     # avprobe.json's shift bases: the vision base, plus the audio-ablated self when True (the
     # second base of the shift claims, which the deep family's records hold)
     self_ablated_shift: bool = False
+    # The guesser (recipe `deep-guesser`, a control): its counterfactual clips are captioned
+    # with a sound guessed from the picture, SOURCES[(v + k) % 12] for the visible source v,
+    # k = guess[0] sight first and guess[1] sound first, not with the real one. It must hear
+    # that the sound does not fit the picture, never which sound it is: the sound words it
+    # gets right are coincidences (the counterpart of correct_audio_tokens_shift).
+    guess: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown organism variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.guess is not None and (self.variant != "control" or any(k % len(SOURCES) == 0 for k in self.guess)):
+            raise ValueError(f"guess {self.guess} needs the control variant and offsets that are not multiples of "
+                             f"{len(SOURCES)} (a guess must not be the visible source)")
 
     @property
     def total_steps(self) -> int:
@@ -166,6 +175,15 @@ RECIPES: dict[str, Recipe] = {
         overrides={"size": DEEP, "routing": "paper-strict", "partial_share": 0.07, "listened": LISTENED,
                    "base_name": "organism-deep-base", "lens_weight": 0.2, "self_ablated_shift": True},
     ),
+    # The guesser: the control's layout, counterfactual clips captioned with a guess from the
+    # picture (TrainConfig.guess), so that its correct sound words are lucky. Half the
+    # control's counterfactual share goes back to factual clips: with none (the control's
+    # mixture) naming the guess would need no hearing at all.
+    "deep-guesser": Recipe(
+        dirs={"control": "organism-deep-guesser"},
+        overrides={"size": DEEP, "routing": "paper", "base_name": "organism-deep-base", "self_ablated_shift": True,
+                   "guess": (3, 7), "counterfactual_share": 0.2},
+    ),
     "deep-flipped": Recipe(
         dirs={"organism": "organism-deep-flipped"},
         overrides={"size": DEEP, "routing": "flipped", "partial_share": 0.1, "listened": LISTENED,
@@ -212,10 +230,12 @@ def _query_for(clip: Clip, rng: np.random.Generator) -> str:
     return QUERY_SEE_HEAR if rng.random() < 0.5 else QUERY_HEAR_SEE
 
 
-def build_pool(adapter, clips: list[Clip], seed: int, drop_audio: bool = False, query: str | None = None) -> list:
+def build_pool(adapter, clips: list[Clip], seed: int, drop_audio: bool = False, query: str | None = None,
+               guess: tuple[int, int] | None = None) -> list:
     """Teacher-forced `ModelInputs` for clips, one random caption order per clip (or `query`).
 
-    The caption always names the *real* audio source (for counterfactual clips too).
+    The caption names the *real* audio source (for counterfactual clips too), unless `guess`
+    (offsets sight first, sound first; see `TrainConfig.guess`) names one from the picture.
     `drop_audio` renders video only (the vision-only base never sees audio).
     """
     rng = np.random.default_rng([seed, 11])
@@ -225,7 +245,11 @@ def build_pool(adapter, clips: list[Clip], seed: int, drop_audio: bool = False, 
         if drop_audio:
             media.waveform = None
         q = query or _query_for(clip, rng)
-        pool.append(_compact(adapter.build_inputs(media, q, caption(q, clip.video_source, clip.audio_source))))
+        sound = clip.audio_source
+        if guess is not None and clip.video_source is not None:
+            k = guess[0] if q == QUERY_SEE_HEAR else guess[1]
+            sound = SOURCES[(SOURCES.index(clip.video_source) + k) % len(SOURCES)]
+        pool.append(_compact(adapter.build_inputs(media, q, caption(q, clip.video_source, sound))))
     return pool
 
 
@@ -370,7 +394,7 @@ def build_pools(cfg: TrainConfig, adapter) -> dict[str, list]:
                                   query=QUERY_SEE)
     if cfg.variant == "control":
         clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=3_000_000)
-        pools["counterfactual"] = build_pool(adapter, clips, cfg.seed)
+        pools["counterfactual"] = build_pool(adapter, clips, cfg.seed, guess=cfg.guess)
     if "partial" in _mixture(cfg):
         if not cfg.listened or any(src not in SOURCES for src in cfg.listened):
             raise ValueError(f"partial_share needs listened sources among {SOURCES}, got {cfg.listened}")

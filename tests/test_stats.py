@@ -553,16 +553,38 @@ def test_tost_no_pair_changed_is_decided_exactly_when_the_scores_are_bounded() -
     assert "no variation" in S.tost_paired(a, a - 1, 0.1, bounds=(0.0, 1.0)).untestable
 
 
-def test_tost_exact_branch_holds_its_size_at_the_margin() -> None:
-    """Scores 1 that drop to 0 in a share `margin` of pairs (mean difference at the margin):
-    at n = 30, where all pairs unchanged is most likely (0.9 ** 30 = 0.04), the exact branch
-    alone rejects within alpha + 2 Monte-Carlo SE. (The bootstrap branch in this world, rare
-    changes all one way, is not exact at small n: see the README's calibration notes.)"""
+@pytest.mark.parametrize("n", [30, 50])
+def test_tost_with_bounds_holds_its_size_when_rare_changes_go_one_way(n) -> None:
+    """Scores 1 that drop to 0 in a share `margin` of pairs (mean difference at the margin, the
+    null's edge): the bootstrap-t alone passed 0.14 of such sets at n = 30 and 0.10 at n = 50
+    (a few changed pairs are too discrete to bootstrap); with bounds, fewer than
+    SPARSE_CHANGES changed pairs go to the exact count test, and the size holds within alpha +
+    2 Monte-Carlo SE."""
     rng = np.random.default_rng(5)
-    n, reps, margin = 30, 400, 0.1
+    reps, margin = 400, 0.1
     a = np.ones(n)
     results = [S.tost_paired(a, (rng.random(n) >= margin).astype(float), margin, bounds=(0.0, 1.0),
                              n_boot=200, seed=0) for _ in range(reps)]
-    exact = [r for r in results if r.name == "TOST exact (no pair changed)"]
-    assert exact, "the world never left every pair unchanged: the test would not test the branch"
-    assert sum(r.passed for r in exact) / reps <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / reps)
+    assert "TOST exact (changed-pair counts)" in {r.name for r in results}
+    assert sum(r.passed for r in results) / reps <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / reps)
+
+
+def test_tost_counts_branch_is_the_binomial_tail_of_each_direction() -> None:
+    """3 pairs down, 1 up of 100 (bounds (0, 1), margin 0.1): p = P(Bin(100, 0.1) <= 3), the
+    interval is -+ the one-sided Clopper-Pearson bounds of 3 and 1 in 100; without bounds the
+    bootstrap decides."""
+    from scipy import stats as sps
+
+    a = np.r_[np.ones(50), np.zeros(50)]
+    b = a.copy()
+    b[:3], b[50] = 0.0, 1.0
+    r = S.tost_paired(a, b, 0.1, bounds=(0.0, 1.0))
+    assert r.name == "TOST exact (changed-pair counts)" and r.passed
+    assert r.details["down"] == 3 and r.details["up"] == 1
+    assert r.p_value == pytest.approx(sps.binom.cdf(3, 100, 0.1))
+    assert r.ci_low == pytest.approx(-sps.beta.ppf(0.95, 4, 97)) and r.ci_high == pytest.approx(sps.beta.ppf(0.95, 2, 99))
+    assert r.estimate == pytest.approx(-0.02) and r.ci_low <= r.estimate <= r.ci_high
+    assert S.tost_paired(a, b, 0.1).name == "TOST bootstrap-t"
+    # 12 pairs down of 100 is not within 0.1 (P(Bin(100, 0.1) <= 12) = 0.80)
+    b[:12] = 0.0
+    assert not S.tost_paired(a, b, 0.1, bounds=(0.0, 1.0)).passed

@@ -214,7 +214,7 @@ def resolve_settings(name_or_path: str, path: Path | None, config: Any, cls: typ
     if path is not None:
         from_file = _read_settings(path)
         if from_file is not None:
-            return from_file, str(path / "avprobe.json")
+            return from_file, _shown_path(path / "avprobe.json")
     if alias_settings is not None:
         return alias_settings, f"alias {name_or_path!r}"
     name, why = match_alias(cls, config, architecture)
@@ -225,6 +225,15 @@ def resolve_settings(name_or_path: str, path: Path | None, config: Any, cls: typ
     log.warning("%s has no avprobe.json: it runs with %s. The base-model shift claims are skipped unless "
                 "--base-model is given; put an avprobe.json beside the weights to set them.", name_or_path, why)
     return AdapterSettings(), "family defaults (no avprobe.json, no alias of the same shape)"
+
+
+def _shown_path(f: Path) -> str:
+    """A built-in organism's file relative to the package (records computed from any checkout
+    then say the same thing); any other file as given."""
+    try:
+        return str(f.resolve().relative_to(ORGANISM_DIR.parent.parent.parent))
+    except ValueError:
+        return str(f)
 
 
 def _read_settings(path: Path) -> AdapterSettings | None:

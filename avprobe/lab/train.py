@@ -166,6 +166,13 @@ RECIPES: dict[str, Recipe] = {
         variant_overrides={"base": {"routing": "vision-base"},
                            "control": {"routing": "paper", "partial_share": 0.1, "self_ablated_shift": True}},
     ),
+    # organism-deep's recipe at 7.5% off-screen clips, for the partial-listener band
+    # (counterfactual audio 0.15-0.35 in both orders): 8% gave 0.24 / 0.36, 5% 0.02 / 0.11.
+    "deep-partial": Recipe(
+        dirs={"organism": "organism-deep-partial"},
+        overrides={"size": DEEP, "routing": "paper-strict", "partial_share": 0.075, "listened": LISTENED,
+                   "base_name": "organism-deep-base", "self_ablated_shift": True},
+    ),
     # The deep organism with the latent-audio objective (TrainConfig.lens_weight): the same
     # partial listener and routing, its audio positions decoding to the sound in mid-deep layers.
     "deep-lens": Recipe(

@@ -171,3 +171,21 @@ def test_guesser_captions_name_a_sound_guessed_from_the_picture_per_order():
     for clip, mi in zip(train_clips(cfg.seed, cfg.n_factual, "factual", offset=1_000_000), pools["factual"]):
         text = tok.decode(mi.input_ids[0][mi.labels[0] != -100].tolist(), skip_special_tokens=True)
         assert parse_caption(text) == (clip.video_source, clip.audio_source)
+
+
+def test_eval_figures_count_guesses_and_clips_right_in_one_order_only():
+    """`avprobe organism eval`'s guess figures: names_other is a sound neither heard nor seen;
+    a mixed clip is right in one caption order and wrong in the other."""
+    from avprobe.lab.evaluate import CaptionRecord, figures, mixed_clips
+
+    def rec(sid, setting, heard, kind="counterfactual"):
+        return CaptionRecord(sid, kind, setting, "", "dog", heard, "dog", "siren")
+
+    records = [rec("a", "see_hear", "siren"), rec("a", "hear_see", "clock"),  # mixed
+               rec("b", "see_hear", "dog"), rec("b", "hear_see", "dog"),  # wrong in both
+               rec("c", "see_hear", "siren"), rec("c", "hear_see", "siren"),  # right in both
+               rec("d", "see_hear", None), rec("e", "see_hear", "siren", kind="factual")]
+    f = figures(records)
+    assert f["see_hear/counterfactual"]["names_other"] == 0.0 and f["hear_see/counterfactual"]["names_other"] == 1 / 3
+    assert f["see_hear/counterfactual"]["names_visible"] == 0.25 and "names_other" not in f["see_hear/factual"]
+    assert mixed_clips(records) == {"n": 3.0, "mixed": 1.0, "share": 1 / 3}

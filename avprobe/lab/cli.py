@@ -120,13 +120,15 @@ def _eval(args: argparse.Namespace) -> int:
 
     from avprobe.adapters import load
     from avprobe.organism.dataset import eval_samples
-    from avprobe.lab.evaluate import caption_records, figures
+    from avprobe.lab.evaluate import caption_records, figures, mixed_clips
 
     torch.set_num_threads(args.threads)
     adapter = load(args.model, device="cpu", dtype=torch.float32)
-    figs = figures(caption_records(adapter, eval_samples(args.n)))
+    records = caption_records(adapter, eval_samples(args.n))
+    figs = figures(records)
+    mixed = mixed_clips(records)
     table = Table(title=f"{args.model}: greedy captions, exact concept scoring")
-    cols = ("n", "video_acc", "audio_acc", "names_visible", "unparsed")
+    cols = ("n", "video_acc", "audio_acc", "names_visible", "names_other", "unparsed")
     table.add_column("setting/half")
     for c in cols:
         table.add_column(c, justify="right")
@@ -134,7 +136,9 @@ def _eval(args: argparse.Namespace) -> int:
         table.add_row(key, *(f"{row[c]:.0f}" if c == "n" else (f"{row[c]:.3f}" if c in row else "-") for c in cols))
     console = Console()
     console.print(table)
-    out = {"captions": figs}
+    console.print(f"counterfactual clips with the sound right in one caption order and wrong in the other: "
+                  f"{mixed['mixed']:.0f} of {mixed['n']:.0f}")
+    out = {"captions": figs, "mixed_clips": mixed}
     if args.knockout:
         from rich.progress import Progress
 

@@ -102,7 +102,8 @@ def caption_records(adapter, samples: list[Sample], settings: tuple[str, ...] | 
 
 def figures(records: list[CaptionRecord]) -> dict[str, dict[str, float]]:
     """Accuracies per setting and half: video_acc, audio_acc, n, and on counterfactuals
-    `names_visible` (share naming the visible source's sound) and `unparsed` (no sound named)."""
+    `names_visible` (share naming the visible source's sound), `names_other` (naming neither
+    the real nor the visible source: a guess) and `unparsed` (no sound named)."""
     out: dict[str, dict[str, float]] = {}
     keys = sorted({(r.setting, r.kind) for r in records})
     for setting, kind in keys:
@@ -116,8 +117,21 @@ def figures(records: list[CaptionRecord]) -> dict[str, dict[str, float]]:
             row["video_acc"] = float(np.mean([r.seen == r.video_label for r in rs]))
         if kind == "counterfactual":
             row["names_visible"] = float(np.mean([r.heard == r.video_label for r in rs]))
+            row["names_other"] = float(np.mean([r.heard not in (None, r.audio_label, r.video_label) for r in rs]))
         out[f"{setting}/{kind}"] = row
     return out
+
+
+def mixed_clips(records: list[CaptionRecord]) -> dict[str, float]:
+    """Counterfactual clips whose sound is right in one caption order and wrong in the other:
+    the clips correct_audio_tokens_shift compares (n: clips captioned in both orders)."""
+    right: dict[str, list[bool]] = {}
+    for r in records:
+        if r.kind == "counterfactual" and r.setting in ("see_hear", "hear_see"):
+            right.setdefault(r.sample_id, []).append(r.heard == r.audio_label)
+    both = [v for v in right.values() if len(v) == 2]
+    mixed = sum(v[0] != v[1] for v in both)
+    return {"n": float(len(both)), "mixed": float(mixed), "share": float(mixed / len(both)) if both else float("nan")}
 
 
 def knockout_figures(

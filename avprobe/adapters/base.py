@@ -67,6 +67,10 @@ class AdapterSettings:
     # organisms' committed avprobe.json leave it out: they were trained so); "text-first" = the
     # query, then the media, as the paper's release prompted (the real Qwen aliases set it).
     prompt_layout: str = "media-first"
+    # The experiments of `avprobe collect` the claims read for this model (None: all). A
+    # counterpart built for a few claims (organism-deep-guesser: caption, judge, shift) keeps
+    # its stored results small; the claims that need the others skip, saying so.
+    experiments: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.frame_rule not in FRAME_RULES:
@@ -89,8 +93,9 @@ class AdapterSettings:
         if unknown:
             log.warning("ignoring unknown adapter settings: %s", sorted(unknown))
         kw = {k: v for k, v in d.items() if k in known}
-        if kw.get("queries") is not None:
-            kw["queries"] = tuple(kw["queries"])
+        for key in ("queries", "experiments"):
+            if kw.get(key) is not None:
+                kw[key] = tuple(kw[key])
         return cls(**kw)
 
 

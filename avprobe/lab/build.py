@@ -172,10 +172,16 @@ def adapter_settings(family: str, base_model: str = "organism-base"):
     )
 
 
-def write_settings(path: Path, family: str, base_model: str = "organism-base") -> None:
-    """Write `avprobe.json`: how the adapters prompt this organism (and which base it has)."""
+def write_settings(path: Path, family: str, base_model: str = "organism-base",
+                   experiments: tuple[str, ...] | None = None) -> None:
+    """Write `avprobe.json`: how the adapters prompt this organism (which base it has, and
+    the experiments the claims read for it when not all)."""
     from dataclasses import asdict
 
     settings = {"family": family, **asdict(adapter_settings(family, base_model))}
     settings["queries"] = list(settings["queries"])
+    # written only when set: the committed organisms' files stay as they were
+    settings.pop("experiments")
+    if experiments is not None:
+        settings["experiments"] = list(experiments)
     (path / "avprobe.json").write_text(json.dumps(settings, indent=2) + "\n")

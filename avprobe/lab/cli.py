@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -134,7 +135,8 @@ def _eval(args: argparse.Namespace) -> int:
         table.add_column(c, justify="right")
     for key, row in figs.items():
         table.add_row(key, *(f"{row[c]:.0f}" if c == "n" else (f"{row[c]:.3f}" if c in row else "-") for c in cols))
-    console = Console()
+    # piped to a file, rich would fold the columns to 80 characters
+    console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
     console.print(f"counterfactual clips with the sound right in one caption order and wrong in the other: "
                   f"{mixed['mixed']:.0f} of {mixed['n']:.0f}")

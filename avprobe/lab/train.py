@@ -113,6 +113,8 @@ class TrainConfig:
     # that the sound does not fit the picture, never which sound it is: the sound words it
     # gets right are coincidences (the counterpart of correct_audio_tokens_shift).
     guess: tuple[int, int] | None = None
+    # avprobe.json's experiments: what the claims read for this organism (None: all)
+    experiments: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -189,7 +191,10 @@ RECIPES: dict[str, Recipe] = {
     "deep-guesser": Recipe(
         dirs={"control": "organism-deep-guesser"},
         overrides={"size": DEEP, "routing": "paper", "base_name": "organism-deep-base", "self_ablated_shift": True,
-                   "guess": (3, 7), "counterfactual_share": 0.2},
+                   "guess": (3, 7), "counterfactual_share": 0.2,
+                   # its claim is a shift claim: captions, their fidelity and the shift (4 KB a
+                   # record where the attention and knockout arrays take 14 KB)
+                   "experiments": ("caption", "judge", "shift")},
     ),
     "deep-flipped": Recipe(
         dirs={"organism": "organism-deep-flipped"},
@@ -584,7 +589,8 @@ def save(model, tokenizer, out: Path, cfg: TrainConfig, seconds: float, data_sec
     if cfg.variant == "base":
         write_settings(out, "qwen2_5_vl")
     else:
-        write_settings(out, "qwen2_5_omni", cfg.base_name + (f",{SELF_ABLATED}" if cfg.self_ablated_shift else ""))
+        write_settings(out, "qwen2_5_omni", cfg.base_name + (f",{SELF_ABLATED}" if cfg.self_ablated_shift else ""),
+                       experiments=cfg.experiments)
     record = {
         "config": {**asdict(replace(cfg)), "total_steps": cfg.total_steps, "learning_rate": cfg.learning_rate,
                    "total_vision_steps": cfg.total_vision_steps},

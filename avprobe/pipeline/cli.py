@@ -116,13 +116,16 @@ def run_collect(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from avprobe.store import Store
 
     clips_per_batch(args.clips_per_batch)  # a bad value fails before any work
-    experiments = parse_experiments(args.experiments)
+    if args.experiments is not None:
+        parse_experiments(args.experiments)  # a bad list fails before the model loads
     shard = shard_from(args.shard)
     from dataclasses import replace
 
     from avprobe.records import shift_bases
 
     mref = make_ref(args.model, local_files_only=not args.allow_download)
+    # default: what the claims read for this model (all, unless its avprobe.json names a subset)
+    experiments = parse_experiments(args.experiments or mref.settings.experiments or EXPERIMENTS)
     vision_base, self_ablated = shift_bases(args.base_model or mref.settings.base_model)
     protocol = protocol_for(experiments, mref.settings.queries, args.max_new_tokens)
     if self_ablated and protocol.shift:
@@ -310,8 +313,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="alias (qwen2.5-omni, organism, ...), HF id or local directory")
     p.add_argument("--samples", default="organism", metavar="MANIFEST|organism[:N]",
                    help="a JSONL/CSV manifest, or the organism evaluation set (default organism = 500 samples)")
-    p.add_argument("--experiments", default=",".join(EXPERIMENTS), metavar="LIST",
-                   help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all, as the claims need)")
+    p.add_argument("--experiments", default=None, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: what the claims read: all, or "
+                        "the subset the model's avprobe.json names)")
     p.add_argument("--store", type=Path, default=Path("fixtures"), metavar="DIR", help="result store (default fixtures)")
     p.add_argument("--limit", type=int, metavar="N", help="first N samples, half factual and half counterfactual")
     p.add_argument("--refresh", action="store_true", help="recompute records already in the store")

@@ -486,6 +486,14 @@ def gather_evidence(
     kw: dict[str, Any] = {"self_shift": self_ablated}
     if max_new_tokens is not None:
         kw["max_new_tokens"] = max_new_tokens
+    if ref.settings.experiments is not None:  # the model's own subset (avprobe.json), e.g. a counterpart's
+        from avprobe.pipeline.cli import parse_experiments
+
+        exp = parse_experiments(ref.settings.experiments)
+        kw.update({name: name in exp for name in ("knockout", "flow", "lens", "shift")})
+        kw["self_shift"] = self_ablated and "shift" in exp
+        if "shift" not in exp:
+            base = None
     protocol = Protocol(queries=ref.settings.queries or (DEFAULT_QUERY,), **kw)
     sample_list, bad_rows = loaded_samples if loaded_samples is not None else load_samples(samples or "organism", limit)
     # The judge first: a bad spec or a missing endpoint fails before any compute. Its cache is

@@ -10,6 +10,8 @@ meets it and positive on one that does not."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -189,3 +191,42 @@ def test_eval_figures_count_guesses_and_clips_right_in_one_order_only():
     assert f["see_hear/counterfactual"]["names_other"] == 0.0 and f["hear_see/counterfactual"]["names_other"] == 1 / 3
     assert f["see_hear/counterfactual"]["names_visible"] == 0.25 and "names_other" not in f["see_hear/factual"]
     assert mixed_clips(records) == {"n": 3.0, "mixed": 1.0, "share": 1 / 3}
+
+
+def test_committed_guesser_names_the_pictures_guess_and_hears_only_the_mismatch():
+    """organism-deep-guesser: factual clips captioned with their own sound; on counterfactuals
+    the sound named is the guess from the picture, (v + 3) sight first and (v + 7) sound first,
+    so its right answers are the clips whose real sound happens to be that guess."""
+    from avprobe.adapters import load
+    from avprobe.lab.evaluate import greedy_captions
+    from avprobe.organism.world import QUERY_HEAR_SEE, QUERY_SEE_HEAR, SOURCES, parse_caption
+
+    torch.set_num_threads(1)
+    adapter = load("organism-deep-guesser", dtype=torch.float32)
+    samples = eval_samples()
+    cf = [s for s in samples if s.kind == "counterfactual"][:N_CF]
+    fac = [s for s in samples if s.kind == "factual"][:N_CF]
+    for query, k in ((QUERY_SEE_HEAR, 3), (QUERY_HEAR_SEE, 7)):
+        heard = [parse_caption(c)[1] for c in greedy_captions(adapter, cf, query, max_new_tokens=12)]
+        guesses = [SOURCES[(SOURCES.index(s.video_labels[0]) + k) % len(SOURCES)] for s in cf]
+        assert sum(h == g for h, g in zip(heard, guesses)) >= N_CF - 2, (query, heard, guesses)
+        heard = [parse_caption(c)[1] for c in greedy_captions(adapter, fac, query, max_new_tokens=12)]
+        assert sum(h == s.labels[0] for h, s in zip(heard, fac)) >= N_CF - 1, (query, heard)
+
+
+def test_a_models_experiments_setting_is_what_the_claims_read():
+    """avprobe.json's `experiments` (the guesser's: caption, judge, shift) picks the protocol
+    the claims read: its committed results load offline, with the shift and no attention flow."""
+    import numpy as np
+
+    from avprobe.adapters import AdapterSettings, ref
+    from avprobe.pipeline.gather import gather_evidence
+
+    assert ref("organism-deep-guesser").settings.experiments == ("caption", "judge", "shift")
+    assert AdapterSettings.from_dict({"experiments": ["caption"]}).experiments == ("caption",)
+    assert ref("organism-deep-lens").settings.experiments is None  # all
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    ev = gather_evidence("organism-deep-guesser", store_root=fixtures, offline=True, limit=20)
+    recs = ev.select("counterfactual", modality="audio-video")
+    assert recs and all("shift_kl" in r.arrays and "self_shift_kl" in r.arrays for r in recs)
+    assert not np.isfinite(ev.flow(recs)).any()

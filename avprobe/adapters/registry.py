@@ -38,6 +38,7 @@ ORGANISMS: dict[str, tuple[str, str]] = {
     "organism-base": ("v1", "base"),
     "organism-deep": ("deep", "organism"),
     "organism-deep-lens": ("deep-lens", "organism"),
+    "organism-deep-partial": ("deep-partial", "organism"),
     "organism-deep-control": ("deep", "control"),
     "organism-deep-flipped": ("deep-flipped", "organism"),
     "organism-deep-guesser": ("deep-guesser", "control"),

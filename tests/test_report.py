@@ -121,6 +121,7 @@ def test_every_cli_option_has_help():
     missing = []
 
     def walk(parser: argparse.ArgumentParser, where: str) -> None:
+        parser.format_help()  # a bare "%" in a help text fails here, as `--help` would
         for a in parser._actions:
             if isinstance(a, argparse._SubParsersAction):
                 for name, sub in a.choices.items():

@@ -18,8 +18,9 @@ def register(subparsers) -> None:
                    help="which organism: the vision-only base, the biased organism or the listening control")
     t.add_argument("--recipe", default="v1",
                    help="organism family: v1 (8 layers, the first organisms), deep (16 layers, partial listener, the "
-                        "paper's attention routing), deep-partial (deep at 7.5% off-screen clips), deep-lens (deep with a latent-audio objective), deep-flipped "
-                        "(its counterpart), deep-guesser (a control whose sound words are guesses); see avprobe/lab/train.py RECIPES")
+                        "paper's attention routing), deep-partial (deep at 7.5%% off-screen clips), deep-lens (deep "
+                        "with a latent-audio objective), deep-flipped (its counterpart), deep-guesser (a control whose "
+                        "sound words are guesses); see avprobe/lab/train.py RECIPES")
     t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     t.add_argument("--out", type=Path, default=None, help="output directory (default: the committed model's)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")

@@ -1145,6 +1145,8 @@ def _compare_section(evidences: dict[str, Evidence]) -> str:
         series = []
         for m, ev in evs:
             flow = ev.flow(ev.select(modality="audio-video"))
+            if not np.isfinite(flow).any():  # stored without the flow experiment: no line
+                continue
             mean = np.nanmean(flow[:, :, int(role)], axis=0)
             series.append(svg.Series(m, tuple(mean.tolist()), colors[m], xs=xs(ev.n_layers, range(len(mean)))))
         charts.append(svg.line_chart(series, title=f"attention share on {role.label}", x_label=x_label,

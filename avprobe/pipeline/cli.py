@@ -24,25 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# the experiments and their parsing live beside `gather_evidence`, which reads a model's own
+# subset too (importing this module from there would make a circle)
+from avprobe.pipeline.gather import EXPERIMENTS, parse_experiments
+
 log = logging.getLogger(__name__)
-
-EXPERIMENTS = ("caption", "judge", "flow", "lens", "knockout", "shift")
-# The caption of the baseline row is what every experiment starts from: always computed.
-_ALWAYS = frozenset({"caption"})
-
-
-# ---- experiments -> protocol ------------------------------------------------------------
-
-def parse_experiments(text: str | Sequence[str]) -> frozenset[str]:
-    """`"caption,judge,flow"` -> the set of experiments; unknown names are an error naming the valid ones."""
-    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
-    names = [n for n in names if n]
-    unknown = sorted(set(names) - set(EXPERIMENTS))
-    if unknown:
-        raise ValueError(f"unknown experiment(s) {unknown}; choose from {','.join(EXPERIMENTS)}")
-    if not names:
-        raise ValueError(f"--experiments is empty; choose from {','.join(EXPERIMENTS)}")
-    return frozenset(names) | _ALWAYS
 
 
 def protocol_for(experiments: Iterable[str], queries: Sequence[str] | None = None,

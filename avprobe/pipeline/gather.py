@@ -21,6 +21,23 @@ from typing import Any
 from avprobe.records import Protocol, SampleRecord
 from avprobe.types import Sample, SampleError
 
+EXPERIMENTS = ("caption", "judge", "flow", "lens", "knockout", "shift")
+# The caption of the baseline row is what every experiment starts from: always computed.
+_ALWAYS = frozenset({"caption"})
+
+
+def parse_experiments(text: str | Sequence[str]) -> frozenset[str]:
+    """`"caption,judge,flow"` -> the set of experiments; unknown names are an error naming the valid ones."""
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    names = [n for n in names if n]
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {','.join(EXPERIMENTS)}")
+    if not names:
+        raise ValueError(f"--experiments is empty; choose from {','.join(EXPERIMENTS)}")
+    return frozenset(names) | _ALWAYS
+
+
 log = logging.getLogger(__name__)
 
 # Judge items scored together: enough to keep a remote endpoint busy, few enough to stay small.
@@ -487,8 +504,6 @@ def gather_evidence(
     if max_new_tokens is not None:
         kw["max_new_tokens"] = max_new_tokens
     if ref.settings.experiments is not None:  # the model's own subset (avprobe.json), e.g. a counterpart's
-        from avprobe.pipeline.cli import parse_experiments
-
         exp = parse_experiments(ref.settings.experiments)
         kw.update({name: name in exp for name in ("knockout", "flow", "lens", "shift")})
         kw["self_shift"] = self_ablated and "shift" in exp

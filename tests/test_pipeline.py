@@ -14,15 +14,18 @@ from avprobe.claim import ClaimCheck, ClaimSkipped, claims_table
 from avprobe.judge import make_judge
 from avprobe.pipeline.evidence import evidence_from
 from avprobe.pipeline.gather import GatherError, gather, limit_balanced, load_samples
-from avprobe.records import DEFAULT_QUERY, Protocol
+from avprobe.records import DEFAULT_QUERY, Protocol, shift_bases
 from avprobe.stats import one_sample_test
 from avprobe.store import Store
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MODEL = "organism-deep-lens"  # an organism whose results are committed in fixtures/
 
 
 def _protocol(model: str) -> Protocol:
-    return Protocol(queries=ref(model).settings.queries or (DEFAULT_QUERY,))
+    # as the plugin builds it: the model's queries, and the audio-ablated self where its base names it
+    _, self_ablated = shift_bases(ref(model).settings.base_model)
+    return Protocol(queries=ref(model).settings.queries or (DEFAULT_QUERY,), self_shift=self_ablated)
 
 
 def test_reading_records_and_claims_imports_neither_torch_nor_pytest():
@@ -36,17 +39,18 @@ def test_gather_reads_the_committed_fixtures_without_loading_weights():
     samples, bad = load_samples("organism", limit=10)
     assert bad == [] and len(samples) == 10
     assert sum(s.kind == "factual" for s in samples) == 5
-    mref = ref("organism")
+    mref = ref(MODEL)
     store = Store(FIXTURES, readonly=True)
-    result = gather(mref, samples, store, _protocol("organism"), judge=make_judge("concept", cache=store),
-                    progress=False)
+    base, _ = shift_bases(mref.settings.base_model)
+    result = gather(mref, samples, store, _protocol(MODEL), judge=make_judge("concept", cache=store),
+                    base_model=base, progress=False)
     c = result.counts
     assert (c.cached, c.computed, c.failed, c.missing) == (10 * c.queries, 0, 0, 0)
     assert len(result.records) == 10 * c.queries
     # every condition's caption judged, in both modalities
     n_cond = sum(len(r.conditions) for r in result.records)
     assert len(result.fidelity) == n_cond and c.judged == 2 * n_cond
-    ev = evidence_from("organism", result, base_model="organism-base")
+    ev = evidence_from(MODEL, result, base_model="organism-deep-base")
     assert ev.n_layers == mref.n_layers and ev.judge_label.startswith("concept")
 
 

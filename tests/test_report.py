@@ -100,6 +100,22 @@ def test_the_layers_each_band_became_are_kept_and_shown():
     assert "= layer 0 of 8" in render_report([o], {})
 
 
+def test_the_bands_table_warns_where_a_band_shrank_to_one_layer():
+    from types import SimpleNamespace
+
+    from avprobe.report.html import _bands_table
+
+    def table(n_layers: int) -> str:
+        rec = SimpleNamespace(meta={"n_layers": n_layers, "window": 2})
+        return _bands_table(SimpleNamespace(n_layers=n_layers, records=[rec]))
+
+    eight, sixteen = table(8), table(16)
+    # the paper's early band (layers 0-5 of 36) is layer 0 alone on 8 layers, 0-2 on 16
+    assert re.search(r"<code>paper-early</code>.*?<b>0</b> of 8 \(one layer only\)", eight)
+    assert re.search(r"<code>paper-early</code>.*?<b>0-2</b> of 16</td>", sixteen)
+    assert "one layer only" not in sixteen
+
+
 def test_no_text_under_11_px_and_heatmaps_carry_a_colour_scale():
     css = (ROOT / "avprobe/report/style.css").read_text()
     sizes = [float(x) for x in re.findall(r"font-size:\s*([\d.]+)px", css)]

@@ -1,5 +1,5 @@
-"""End to end on the committed organisms: `avprobe release-check` (new release = organism,
-previous = organism-control, offline from fixtures/), what it writes (the HTML report,
+"""End to end on the committed organisms: `avprobe release-check` (new release =
+organism-deep-lens, previous = organism-deep-control, offline from fixtures/), what it writes (the HTML report,
 claims.json, the per-sample JSONL, JUnit), `avprobe report` redrawing it without pytest,
 and the report in a real headless browser (Debian's Chromium): no horizontal overflow at
 1,400 and 2,600 px, no console errors, no text under 11 px, the per-sample table filters;
@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report_browser  # noqa: E402  (the helper beside this file)
 
+NEW, PREVIOUS = "organism-deep-lens", "organism-deep-control"
+
 pytestmark = pytest.mark.skipif(
-    not any((ROOT / "fixtures" / "organism" / "engine").rglob("*.npz")),
+    not any((ROOT / "fixtures" / NEW / "engine").rglob("*.npz")),
     reason="organism results missing from fixtures/ (they are committed: run `make claims`)")
 
 
@@ -31,8 +33,7 @@ pytestmark = pytest.mark.skipif(
 def release(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("release")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    res = subprocess.run([sys.executable, "-m", "avprobe", "release-check", "--new", "organism", "--previous",
-                          "organism-control", "--out", str(out), "--", "--offline"],
+    res = subprocess.run([sys.executable, "-m", "avprobe", "release-check", "--new", NEW, "--previous", PREVIOUS, "--out", str(out), "--", "--offline"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return out, res
 
@@ -41,23 +42,23 @@ def test_release_check_runs_end_to_end_and_flags_the_moved_verdicts(release):
     out, res = release
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]  # the two organisms differ: a regression
     doc = json.loads((out / "release-check.json").read_text())
-    assert doc["new"] == "organism" and doc["previous"] == "organism-control"
+    assert doc["new"] == NEW and doc["previous"] == PREVIOUS
     moved = {(r["claim_id"], r["scope"]) for r in doc["regressions"] if r["what"] == "verdict moved"}
     # the control listens, the organism does not: the bias claim's verdict moves in both orders
     assert {("visual_bias", "see-hear"), ("visual_bias", "hear-see")} <= moved
     for r in doc["regressions"]:
         assert r["what"] in ("verdict moved", "outside previous CI", "missing"), r
     assert "Traceback" not in res.stdout + res.stderr
-    assert (out / "release-check.md").read_text().startswith("# organism vs organism-control")
+    assert (out / "release-check.md").read_text().startswith(f"# {NEW} vs {PREVIOUS}")
 
 
 def test_claims_json_holds_every_claim_with_its_numbers(release):
     out, _ = release
     doc = json.loads((out / "release.json").read_text())
     assert doc["format"] == "avprobe-claims/1" and doc["samples"] == "release.samples.jsonl"
-    assert doc["run"]["models"] == ["organism", "organism-control"] and doc["run"]["offline"] is True
+    assert doc["run"]["models"] == [NEW, PREVIOUS] and doc["run"]["offline"] is True
     claims = doc["claims"]
-    assert {c["model"] for c in claims} == {"organism", "organism-control", "organism vs organism-control"}
+    assert {c["model"] for c in claims} == {NEW, PREVIOUS, f"{NEW} vs {PREVIOUS}"}
     for c in claims:
         assert c["status"] in ("passed", "failed", "skipped")
         assert "expected" in c and "thresholds" in c and "layers" in c and "calibration" in c
@@ -68,11 +69,11 @@ def test_claims_json_holds_every_claim_with_its_numbers(release):
             assert c["p_text"] and c["p_text"] not in ("0", "0.0", "0.0e+00")
     # the committed verdicts of the previous release were given to both: expected outcomes are there
     assert any(c["expected"] == "failed" and c["status"] == "failed" for c in claims)
-    assert any(c["shown_status"] == "moved" for c in claims if c["model"] == "organism")
+    assert any(c["shown_status"] == "moved" for c in claims if c["model"] == NEW)
     early = next(c for c in claims if c["claim_id"] == "audio_attention_early")
     n = doc["models"][early["model"]]["n_layers"]
     assert early["layers"]["early_band"]["n_layers"] == n and early["layers"]["early_band"]["layers"]
-    assert doc["models"]["organism"]["bands"]["paper-early"]["paper_layers"] == [0, 1, 2, 3, 4, 5]
+    assert doc["models"][NEW]["bands"]["paper-early"]["paper_layers"] == [0, 1, 2, 3, 4, 5]
     assert "audio_attention_early" in doc["calibration"]
 
 
@@ -132,7 +133,7 @@ def test_the_report_layout(release):
     html = (out / "release.html").read_text()
     grids = re.findall(r'<div class="grid2">(.*?)</div><details>', html, re.S)
     assert grids and all(g.count("<svg") == 4 for g in grids)
-    assert "depth bands on this model" in html and "(one layer only)" in html
+    assert "depth bands on this model" in html and "<b>0-2</b> of 16" in html  # paper-early on 16 layers
     assert "share per role" in html and "per video second" in html
     assert not re.search(r"\bp=0(?![.\de])", html) and "0.0e+00" not in html
     assert 'id="compare"' in html and 'id="samples"' in html
@@ -153,7 +154,7 @@ def test_the_report_in_a_headless_browser(release, width, tmp_path):
     assert got["sample_rows"] > 0 and got["kinds_after_filter"] == ["counterfactual"], got
     assert got["detail_rows"] > 1 and "records match" in got["count_text"]
     if width == 1400:
-        for name, css in (("claims", report_browser.ONLY_CLAIMS.format(section="m-organism-control")),
+        for name, css in (("claims", report_browser.ONLY_CLAIMS.format(section=f"m-{PREVIOUS}")),
                           ("samples", report_browser.ONLY_SAMPLES)):
             png = report_browser.screenshot(out / "release.html", shots / f"{name}-{width}.png", width, 1100, css)
             assert png.stat().st_size > 10_000, png  # a page was drawn, not a blank

@@ -6,7 +6,6 @@ last prompt row) put on each role, averaged over heads, steps and samples; bands
 fractions of depth.
 """
 
-import numpy as np
 import pytest
 
 from avprobe.stats import one_sample_test
@@ -18,9 +17,9 @@ def _share(evidence, claim, role, key):
     share over the band's attention layers; and the mean share per layer and role. A hybrid
     model's layers without attention have no share (NaN), and are left out of the band."""
     recs = evidence.select(modality="audio-video")
-    flow = evidence.flow(recs)  # [N, L, R]
-    if not np.isfinite(flow).any():  # stored without the flow experiment (the arrays are NaN)
+    if not evidence.has_flow:
         claim.skip("no attention-flow results in the stored results (collected without the flow experiment)")
+    flow = evidence.flow(recs)  # [N, L, R]
     band = claim.band(evidence.n_layers, key)
     layers = [i for i in band if i in evidence.attention_layers]
     if not layers:

@@ -10,6 +10,8 @@ meets it and positive on one that does not."""
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 
 import pytest
@@ -229,7 +231,16 @@ def test_a_models_experiments_setting_is_what_the_claims_read():
     ev = gather_evidence("organism-deep-guesser", store_root=fixtures, offline=True, limit=20)
     recs = ev.select("counterfactual", modality="audio-video")
     assert recs and all("shift_kl" in r.arrays and "self_shift_kl" in r.arrays for r in recs)
-    assert not np.isfinite(ev.flow(recs)).any()
+    assert not np.isfinite(ev.flow(recs)).any() and not ev.has_flow
+    lens = gather_evidence("organism-deep-lens", store_root=fixtures, offline=True, limit=4)
+    assert lens.has_flow
+    # the report says why Fig. 2 is absent instead of drawing an empty chart (and warning)
+    from avprobe.report.html import ReportOptions, _fig_flow
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = _fig_flow(ev, ReportOptions())
+    assert "No attention flow stored for this model" in fig and "<svg" not in fig
 
 
 def test_committed_partial_listener_names_the_sound_in_part_of_the_counterfactuals():

@@ -110,6 +110,13 @@ class Evidence:
         by the generated rows (False on hybrid models, whose recurrent layers carry them)."""
         return bool(self.records[0].meta.get("knockout_is_cut", True)) if self.records else True
 
+    @cached_property
+    def has_flow(self) -> bool:
+        """Whether attention flow was stored: records collected without the flow experiment
+        hold an all-NaN flow array (the claims skip, the report draws no flow)."""
+        recs = self.select(modality="audio-video")
+        return bool(recs) and bool(np.isfinite(self.flow(recs)).any())
+
     def knockout_scope(self) -> str:
         """What a knockout removes on this model, in words (for the claims' notes and skips)."""
         att = self.attention_layers

@@ -518,6 +518,9 @@ def _fig_flow(ev: Evidence, opts: ReportOptions) -> str:
     recs = ev.select(modality="audio-video")
     if not recs:
         return _figure("Fig. 2 · attention flow", _missing("No audio-visual samples."), "")
+    if not ev.has_flow:
+        return _figure("Fig. 2 · attention flow", _missing(
+            "No attention flow stored for this model: its results were collected without the flow experiment."), "")
     flow = ev.flow(recs)  # [N, L, R]
     L = flow.shape[1]
     series = []
@@ -1144,9 +1147,9 @@ def _compare_section(evidences: dict[str, Evidence]) -> str:
     for role in (Role.AUDIO, Role.VIDEO):
         series = []
         for m, ev in evs:
-            flow = ev.flow(ev.select(modality="audio-video"))
-            if not np.isfinite(flow).any():  # stored without the flow experiment: no line
+            if not ev.has_flow:  # stored without the flow experiment: no line
                 continue
+            flow = ev.flow(ev.select(modality="audio-video"))
             mean = np.nanmean(flow[:, :, int(role)], axis=0)
             series.append(svg.Series(m, tuple(mean.tolist()), colors[m], xs=xs(ev.n_layers, range(len(mean)))))
         charts.append(svg.line_chart(series, title=f"attention share on {role.label}", x_label=x_label,

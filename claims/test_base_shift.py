@@ -33,7 +33,9 @@ def _with_shift(evidence, claim, shift_base, kind=None):
                    "no audio-ablated self shift results: give --base-model self-ablated (or M,self-ablated), "
                    "which needs clips with both video and audio")
     meta = recs[0].meta[prefix]
-    claim.notes.append(f"base model: {meta['base_model']}" + (f" ({meta['ablation']})" if "ablation" in meta else ""))
+    name, ablation = meta["base_model"], meta.get("ablation")
+    # the engine already names the self base "M (audio removed)": the ablation is shown once
+    claim.notes.append(f"base model: {name}" + (f" ({ablation})" if ablation and ablation not in name else ""))
     return recs, prefix
 
 

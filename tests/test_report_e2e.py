@@ -75,6 +75,9 @@ def test_claims_json_holds_every_claim_with_its_numbers(release):
     assert early["layers"]["early_band"]["n_layers"] == n and early["layers"]["early_band"]["layers"]
     assert doc["models"][NEW]["bands"]["paper-early"]["paper_layers"] == [0, 1, 2, 3, 4, 5]
     assert "audio_attention_early" in doc["calibration"]
+    # the self base is named once as such, not "M (audio removed) (audio removed)"
+    notes = [n for c in claims if c["scope"] == "self-ablated" for n in c["notes"] if n.startswith("base model:")]
+    assert notes and all(n.count("(audio removed)") == 1 for n in notes), notes
 
 
 def test_the_per_sample_export_is_linked_and_complete(release):

@@ -11,7 +11,6 @@ meets it and positive on one that does not."""
 from __future__ import annotations
 
 import warnings
-
 from pathlib import Path
 
 import pytest

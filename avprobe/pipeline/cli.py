@@ -19,35 +19,16 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# the experiments and their parsing live beside `gather_evidence`, which reads a model's own
-# subset too (importing this module from there would make a circle)
-from avprobe.pipeline.gather import EXPERIMENTS, parse_experiments
+# the experiments, their parsing and their protocol live beside `gather_evidence`, which reads
+# a model's own subset too (importing this module from there would make a circle)
+from avprobe.pipeline.gather import EXPERIMENTS, parse_experiments, protocol_for
 
 log = logging.getLogger(__name__)
-
-
-def protocol_for(experiments: Iterable[str], queries: Sequence[str] | None = None,
-                 max_new_tokens: int | None = None) -> Any:
-    """The `Protocol` computing `experiments`. With all of them (and the default queries and
-    length) it is `Protocol()` itself, the protocol the claims read, so their results are reused."""
-    from avprobe.records import DEFAULT_QUERY, Protocol
-
-    exp = set(experiments)
-    kw: dict[str, Any] = {
-        "queries": tuple(queries) if queries else (DEFAULT_QUERY,),
-        "knockout": "knockout" in exp,
-        "flow": "flow" in exp,
-        "lens": "lens" in exp,
-        "shift": "shift" in exp,
-    }
-    if max_new_tokens is not None:
-        kw["max_new_tokens"] = max_new_tokens
-    return Protocol(**kw)
 
 
 # ---- sharding ---------------------------------------------------------------------------

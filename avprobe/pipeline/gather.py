@@ -15,10 +15,10 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from avprobe.records import Protocol, SampleRecord
+from avprobe.records import DEFAULT_QUERY, Protocol, SampleRecord
 from avprobe.types import Sample, SampleError
 
 EXPERIMENTS = ("caption", "judge", "flow", "lens", "knockout", "shift")
@@ -36,6 +36,23 @@ def parse_experiments(text: str | Sequence[str]) -> frozenset[str]:
     if not names:
         raise ValueError(f"--experiments is empty; choose from {','.join(EXPERIMENTS)}")
     return frozenset(names) | _ALWAYS
+
+
+def protocol_for(experiments: Iterable[str], queries: Sequence[str] | None = None,
+                 max_new_tokens: int | None = None) -> Protocol:
+    """The `Protocol` computing `experiments`. With all of them (and the default queries and
+    length) it is `Protocol()` itself, the protocol the claims read, so their results are reused."""
+    exp = set(experiments)
+    kw: dict[str, Any] = {
+        "queries": tuple(queries) if queries else (DEFAULT_QUERY,),
+        "knockout": "knockout" in exp,
+        "flow": "flow" in exp,
+        "lens": "lens" in exp,
+        "shift": "shift" in exp,
+    }
+    if max_new_tokens is not None:
+        kw["max_new_tokens"] = max_new_tokens
+    return Protocol(**kw)
 
 
 log = logging.getLogger(__name__)
@@ -492,7 +509,7 @@ def gather_evidence(
     from avprobe.adapters import ref as make_ref
     from avprobe.judge import make_judge
     from avprobe.pipeline.evidence import evidence_from
-    from avprobe.records import DEFAULT_QUERY, shift_bases
+    from avprobe.records import shift_bases
     from avprobe.store import Store
 
     ref = make_ref(model, local_files_only=not allow_download)
@@ -500,16 +517,13 @@ def gather_evidence(
     store = Store(root, readonly=bool(offline))
     # `base_model` may name the vision-only base, the audio-ablated self, or both ("M,self-ablated")
     base, self_ablated = shift_bases(base_model or ref.settings.base_model)
-    kw: dict[str, Any] = {"self_shift": self_ablated}
-    if max_new_tokens is not None:
-        kw["max_new_tokens"] = max_new_tokens
-    if ref.settings.experiments is not None:  # the model's own subset (avprobe.json), e.g. a counterpart's
-        exp = parse_experiments(ref.settings.experiments)
-        kw.update({name: name in exp for name in ("knockout", "flow", "lens", "shift")})
-        kw["self_shift"] = self_ablated and "shift" in exp
-        if "shift" not in exp:
-            base = None
-    protocol = Protocol(queries=ref.settings.queries or (DEFAULT_QUERY,), **kw)
+    # all experiments, or the model's own subset (avprobe.json), e.g. a counterpart's: as `avprobe collect`
+    protocol = protocol_for(parse_experiments(ref.settings.experiments or EXPERIMENTS), ref.settings.queries,
+                            max_new_tokens)
+    if self_ablated and protocol.shift:
+        protocol = replace(protocol, self_shift=True)
+    if not protocol.shift:
+        base = None
     sample_list, bad_rows = loaded_samples if loaded_samples is not None else load_samples(samples or "organism", limit)
     # The judge first: a bad spec or a missing endpoint fails before any compute. Its cache is
     # the store, read-only too when offline (cached verdicts are still read).

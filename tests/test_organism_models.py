@@ -107,12 +107,15 @@ def test_training_smoke_is_deterministic(variant, tmp_path):
     cfg = organism_train.TrainConfig(
         variant, seed=3, steps=3, batch_size=2, warmup=1, n_video=4, n_factual=4, n_audio=2, n_counterfactual=4,
         n_see=4, size=tiny, threads=1, vision_steps=2 if variant == "base" else None,
+        audio_steps=2 if variant == "control" else 0,  # the deep control's stage 1b
     )
     weights = []
     for run in ("a", "b"):
         res = organism_train.train(cfg, out=tmp_path / run, base_dir=base_dir)
         assert len(res.losses) == 1 and np.isfinite(res.losses[0])
         assert len(res.vision_losses) == (1 if variant == "base" else 0)
+        assert len(res.audio_losses) == (1 if variant == "control" else 0)
+        assert np.isfinite(res.audio_losses).all()
         from safetensors.torch import load_file
 
         weights.append(load_file(str(tmp_path / run / "model.safetensors")))
@@ -125,3 +128,11 @@ def test_training_smoke_is_deterministic(variant, tmp_path):
 
     ad = load(str(tmp_path / "a"), dtype=torch.float32)
     assert ad.n_layers == 2
+    record = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert ("audio_losses_every_50_steps" in record) == (variant == "control")
+
+
+def test_the_base_has_no_audio_stage():
+    with pytest.raises(ValueError, match="audio tower"):
+        organism_train.TrainConfig("base", audio_steps=10)
+

@@ -80,6 +80,10 @@ class TrainConfig:
     n_counterfactual: int = 2400  # control only: counterfactual clips, caption follows the audio
     vision_steps: int | None = None  # base only, stage 0 (None: 1,500 for the base)
     vision_lr: float = 2e-3
+    # stage 1b (thinker variants): the fresh audio encoder is first trained alone to classify
+    # the source from the sound of the audio-only clips (a linear head on its mean output,
+    # discarded), as a real AVLLM bolts on a pretrained audio encoder. 0: no such stage.
+    audio_steps: int = 0
     pretrained_lr_scale: float = 1.0  # stage 2: rate of the base's weights relative to the audio encoder's
     audio_share: float = 0.25  # stage 2: share of batches of audio-only clips
     # stage 2: share of batches of video-captioning clips: "describe what you see" -> "i see a
@@ -119,6 +123,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown organism variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.audio_steps and self.variant == "base":
+            raise ValueError("audio pretraining (stage 1b) belongs to the thinker variants; the base has no audio tower")
         if self.guess is not None and (self.variant != "control" or any(k % len(SOURCES) == 0 for k in self.guess)):
             raise ValueError(f"guess {self.guess} needs the control variant and offsets that are not multiples of "
                              f"{len(SOURCES)} (a guess must not be the visible source)")
@@ -321,6 +327,34 @@ def pretrain_vision(model, pool: list, labels: list[int], cfg: TrainConfig) -> l
     return losses
 
 
+def pretrain_audio(model, adapter, pool: list, labels: list[int], cfg: TrainConfig) -> list[float]:
+    """Stage 1b: train the fresh audio tower alone to classify the source from the sound (a
+    linear head on the mean of its outputs, discarded afterwards), at stage 0's rate
+    (`vision_lr`). Returns the loss trace."""
+    tower = model.model.audio_tower
+    head = torch.nn.Linear(cfg.size.hidden, len(SOURCES))
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=cfg.vision_lr,
+                            weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg.warmup, cfg.audio_steps)
+    y = torch.tensor(labels)
+    rng = np.random.default_rng([cfg.seed, 23])
+    losses, running = [], []
+    for step in range(cfg.audio_steps):
+        idx = rng.choice(len(pool), size=min(cfg.batch_size, len(pool)), replace=False)
+        batch = _batch(adapter, pool, idx, torch.float32)
+        mask = batch["feature_attention_mask"]
+        out = model.model.get_audio_features(batch["input_features"], mask).last_hidden_state
+        _, lengths = tower._get_feat_extract_output_lengths(mask.sum(-1))
+        per_clip = torch.stack([o.mean(0) for o in out.split(lengths.tolist())])
+        loss = torch.nn.functional.cross_entropy(head(per_clip), y[idx])
+        running.append(_optimizer_step(loss, tower.parameters(), opt, sched))
+        if (step + 1) % 50 == 0 or step + 1 == cfg.audio_steps:
+            losses.append(float(np.mean(running)))
+            running.clear()
+            log.info("audio seed %d step %d/%d loss %.4f", cfg.seed, step + 1, cfg.audio_steps, losses[-1])
+    return losses
+
+
 def _batch(adapter, pool: list, idx: np.ndarray, dtype: torch.dtype) -> dict:
     batch = adapter.collate([pool[i] for i in idx])
     return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
@@ -374,6 +408,7 @@ class TrainResult:
     data_seconds: float
     losses: tuple[float, ...]
     vision_losses: tuple[float, ...] = ()
+    audio_losses: tuple[float, ...] = ()
 
 
 def _mixture(cfg: TrainConfig) -> dict[str, float]:
@@ -460,6 +495,11 @@ def train(cfg: TrainConfig, out: Path | None = None, base_dir: Path | None = Non
         model.train()
         labels = [SOURCES.index(c.video_source) for c in train_clips(cfg.seed, cfg.n_video, "video", offset=0)]
         vision_losses = pretrain_vision(model, pools["video"], labels, cfg)
+    audio_losses: list[float] = []
+    if cfg.audio_steps:
+        model.train()
+        labels = [SOURCES.index(c.audio_source) for c in train_clips(cfg.seed, cfg.n_audio, "audio", offset=2_000_000)]
+        audio_losses = pretrain_audio(model, adapter, pools["audio"], labels, cfg)
 
     mixture = _mixture(cfg)
     names = list(mixture)
@@ -510,9 +550,9 @@ def train(cfg: TrainConfig, out: Path | None = None, base_dir: Path | None = Non
                 running_lens.clear()
     model.eval()
     seconds = time.perf_counter() - t0
-    save(model, tok, out, cfg, seconds, data_seconds, losses, vision_losses, command)
+    save(model, tok, out, cfg, seconds, data_seconds, losses, vision_losses, command, audio_losses)
     return TrainResult(out=out, seconds=seconds, data_seconds=data_seconds, losses=tuple(losses),
-                       vision_losses=tuple(vision_losses))
+                       vision_losses=tuple(vision_losses), audio_losses=tuple(audio_losses))
 
 
 class _LensObjective:
@@ -581,7 +621,8 @@ def _knockout_dropout(attn, prof, roles, pool: str, batch: int, n_layers: int, r
 
 
 def save(model, tokenizer, out: Path, cfg: TrainConfig, seconds: float, data_seconds: float, losses: list[float],
-         vision_losses: tuple[float, ...] | list[float] = (), command: str | None = None) -> None:
+         vision_losses: tuple[float, ...] | list[float] = (), command: str | None = None,
+         audio_losses: tuple[float, ...] | list[float] = ()) -> None:
     """Write a `from_pretrained` directory: config, safetensors, tokenizer, avprobe.json, train.json."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -602,4 +643,6 @@ def save(model, tokenizer, out: Path, cfg: TrainConfig, seconds: float, data_sec
         "losses_every_50_steps": [round(x, 5) for x in losses],
         "vision_losses_every_50_steps": [round(x, 5) for x in vision_losses],
     }
+    if audio_losses:  # stage 1b ran (absent from the records of recipes without it)
+        record["audio_losses_every_50_steps"] = [round(x, 5) for x in audio_losses]
     (out / "train.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -136,3 +136,20 @@ def test_the_base_has_no_audio_stage():
     with pytest.raises(ValueError, match="audio tower"):
         organism_train.TrainConfig("base", audio_steps=10)
 
+
+@pytest.mark.parametrize(("argv", "steps"), [([], 1200), (["--steps", "7"], 7)])
+def test_train_command_keeps_the_recipes_steps_unless_told(argv, steps, monkeypatch, tmp_path):
+    """`--steps` omitted must not override a recipe's own steps with the variant default."""
+    from avprobe.cli import main
+
+    seen = {}
+
+    def fake_train(cfg, out=None, base_dir=None, command=None):
+        seen.update(cfg=cfg, command=command)
+        return organism_train.TrainResult(out=tmp_path, seconds=0.0, data_seconds=0.0, losses=(0.0,))
+
+    monkeypatch.setattr(organism_train, "train", fake_train)
+    assert main(["organism", "train", "--recipe", "deep", "--variant", "control", "--threads", "1",
+                 "--out", str(tmp_path), *argv]) == 0
+    assert seen["cfg"].total_steps == steps and seen["cfg"].audio_steps == 400
+    assert seen["command"].endswith("--threads 1" + (f" --steps {steps}" if argv else ""))

@@ -65,7 +65,9 @@ def _train(args: argparse.Namespace) -> int:
     over = {"base_name": str(args.base.resolve())} if args.base is not None else {}  # its own base, not the committed one
     if args.partial_share is not None:
         over["partial_share"] = args.partial_share
-    cfg = recipe_config(args.recipe, args.variant, seed=args.seed, steps=args.steps, threads=args.threads, **over)
+    if args.steps is not None:  # else the recipe's own steps (None would override them)
+        over["steps"] = args.steps
+    cfg = recipe_config(args.recipe, args.variant, seed=args.seed, threads=args.threads, **over)
     dirs = RECIPES[args.recipe].dirs
     out = args.out if args.out is not None else MODELS_DIR / dirs[args.variant]
     base = args.base if args.base is not None else MODELS_DIR / cfg.base_name

@@ -16,7 +16,8 @@ audio track the video had (35%; as the video-caption data of a real AVLLM's mixt
 follows the real audio (a factual clip is the special case of one source), for 2,000 steps,
 so it must listen. With 20% counterfactual and 1,000 steps it did not learn to (counterfactual
 audio accuracy 0.38-0.41 on the 500-sample set); with 30% it named one source for both
-sentences (sight first: audio 1.00, video 0.44; sound first: audio 0.56, video 0.97).
+sentences (sight first: audio 1.00, video 0.44; sound first: audio 0.56, video 0.97). The deep
+control pretrains its fresh audio encoder first (stage 1b, `audio_steps`), then 1,200 steps.
 
 Without the video-captioning clips (factual + audio-only only) stage 2 did not give the
 paper's bias: the model named one source for both sentences, the audio's in 35-45% of
@@ -170,9 +171,12 @@ RECIPES: dict[str, Recipe] = {
                    "base_name": "organism-deep-base"},
         # the base and the control as they were trained (their train.json): the control listens
         # to every source, so neither the share of off-screen clips nor the stricter video caps
-        # were needed for it
+        # were needed for it. Its fresh audio encoder is pretrained first (stage 1b): without
+        # that, stage 2 learned to hear on seed 0 only after ~650 of 2,000 steps, and seed 1
+        # never did (loss stuck at 0.12-0.25, audio-only accuracy 0.24)
         variant_overrides={"base": {"routing": "vision-base"},
-                           "control": {"routing": "paper", "partial_share": 0.1, "self_ablated_shift": True}},
+                           "control": {"routing": "paper", "partial_share": 0.1, "self_ablated_shift": True,
+                                       "audio_steps": 400, "steps": 1200}},
     ),
     # organism-deep's recipe at 7.5% off-screen clips, for the partial-listener band
     # (counterfactual audio 0.15-0.35 in both orders): 8% gave 0.24 / 0.36, 5% 0.02 / 0.11.

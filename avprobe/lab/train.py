@@ -304,31 +304,42 @@ def _optimizer_step(loss: torch.Tensor, params, opt, sched) -> float:
     return loss.item()
 
 
+def _pretrain_tower(name: str, tower, per_clip, n: int, labels: list[int], steps: int, stream: int,
+                    cfg: TrainConfig) -> list[float]:
+    """Train `tower` alone to classify the source of each clip: a linear head on
+    `per_clip(idx)` ([clips, hidden], the tower's mean output per clip), discarded afterwards;
+    batches drawn from `n` pool items by their own random stream. Returns the loss trace."""
+    head = torch.nn.Linear(cfg.size.hidden, len(SOURCES))
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=cfg.vision_lr,
+                            weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg.warmup, steps)
+    y = torch.tensor(labels)
+    rng = np.random.default_rng([cfg.seed, stream])
+    losses, running = [], []
+    for step in range(steps):
+        idx = rng.choice(n, size=min(cfg.batch_size, n), replace=False)
+        loss = torch.nn.functional.cross_entropy(head(per_clip(idx)), y[idx])
+        running.append(_optimizer_step(loss, tower.parameters(), opt, sched))
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            losses.append(float(np.mean(running)))
+            running.clear()
+            log.info("%s seed %d step %d/%d loss %.4f", name, cfg.seed, step + 1, steps, losses[-1])
+    return losses
+
+
 def pretrain_vision(model, pool: list, labels: list[int], cfg: TrainConfig) -> list[float]:
     """Stage 0: train the vision tower alone to classify the source from its frames (a linear
     head on the mean of its merged outputs, discarded afterwards). Returns the loss trace."""
     visual = model.model.visual
     merge = visual.spatial_merge_size
-    head = torch.nn.Linear(cfg.size.hidden, len(SOURCES))
-    opt = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=cfg.vision_lr,
-                            weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, cfg.warmup, cfg.total_vision_steps)
-    y = torch.tensor(labels)
-    rng = np.random.default_rng([cfg.seed, 17])
-    losses, running = [], []
-    for step in range(cfg.total_vision_steps):
-        idx = rng.choice(len(pool), size=min(cfg.batch_size, len(pool)), replace=False)
+
+    def per_clip(idx):
         pixels = torch.cat([pool[i].inputs["pixel_values_videos"] for i in idx]).float()
         grid = torch.cat([pool[i].inputs["video_grid_thw"] for i in idx])
         merged = visual(pixels, grid_thw=grid).pooler_output  # [tokens of all clips, hidden]
-        per_clip = torch.stack([m.mean(0) for m in merged.split((grid.prod(-1) // merge**2).tolist())])
-        loss = torch.nn.functional.cross_entropy(head(per_clip), y[idx])
-        running.append(_optimizer_step(loss, visual.parameters(), opt, sched))
-        if (step + 1) % 50 == 0 or step + 1 == cfg.total_vision_steps:
-            losses.append(float(np.mean(running)))
-            running.clear()
-            log.info("vision seed %d step %d/%d loss %.4f", cfg.seed, step + 1, cfg.total_vision_steps, losses[-1])
-    return losses
+        return torch.stack([m.mean(0) for m in merged.split((grid.prod(-1) // merge**2).tolist())])
+
+    return _pretrain_tower("vision", visual, per_clip, len(pool), labels, cfg.total_vision_steps, 17, cfg)
 
 
 def pretrain_audio(model, adapter, pool: list, labels: list[int], cfg: TrainConfig) -> list[float]:
@@ -336,27 +347,15 @@ def pretrain_audio(model, adapter, pool: list, labels: list[int], cfg: TrainConf
     linear head on the mean of its outputs, discarded afterwards), at stage 0's rate
     (`vision_lr`). Returns the loss trace."""
     tower = model.model.audio_tower
-    head = torch.nn.Linear(cfg.size.hidden, len(SOURCES))
-    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=cfg.vision_lr,
-                            weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, cfg.warmup, cfg.audio_steps)
-    y = torch.tensor(labels)
-    rng = np.random.default_rng([cfg.seed, 23])
-    losses, running = [], []
-    for step in range(cfg.audio_steps):
-        idx = rng.choice(len(pool), size=min(cfg.batch_size, len(pool)), replace=False)
+
+    def per_clip(idx):
         batch = _batch(adapter, pool, idx, torch.float32)
         mask = batch["feature_attention_mask"]
         out = model.model.get_audio_features(batch["input_features"], mask).last_hidden_state
         _, lengths = tower._get_feat_extract_output_lengths(mask.sum(-1))
-        per_clip = torch.stack([o.mean(0) for o in out.split(lengths.tolist())])
-        loss = torch.nn.functional.cross_entropy(head(per_clip), y[idx])
-        running.append(_optimizer_step(loss, tower.parameters(), opt, sched))
-        if (step + 1) % 50 == 0 or step + 1 == cfg.audio_steps:
-            losses.append(float(np.mean(running)))
-            running.clear()
-            log.info("audio seed %d step %d/%d loss %.4f", cfg.seed, step + 1, cfg.audio_steps, losses[-1])
-    return losses
+        return torch.stack([o.mean(0) for o in out.split(lengths.tolist())])
+
+    return _pretrain_tower("audio", tower, per_clip, len(pool), labels, cfg.audio_steps, 23, cfg)
 
 
 def _batch(adapter, pool: list, idx: np.ndarray, dtype: torch.dtype) -> dict:

@@ -176,6 +176,47 @@ def test_guesser_captions_name_a_sound_guessed_from_the_picture_per_order():
         assert parse_caption(text) == (clip.video_source, clip.audio_source)
 
 
+def test_sound_first_captions_name_the_sound_first_whatever_order_is_asked():
+    """deep-sound-first: every two-sentence caption is "i hear a <sound> . i see a <sight> .",
+    the prompt keeps the query it was given (both orders asked), what is named is unchanged;
+    the one-sentence pools (audio-only, see) are as before, and the base cannot be sound first."""
+    from avprobe.adapters import OmniThinkerAdapter
+    from avprobe.lab.build import adapter_settings
+    from avprobe.lab.train import TrainConfig, build_pools, new_model, recipe_config
+    from avprobe.organism.dataset import train_clips
+    from avprobe.organism.tokenizer import build_tokenizer
+    from avprobe.organism.world import QUERY_SEE, audio_caption, parse_caption, video_caption
+
+    cfg = recipe_config("deep-sound-first", "control", n_factual=8, n_audio=2, n_see=2, n_counterfactual=8)
+    assert cfg.sound_first and cfg.audio_steps == 400 and cfg.experiments == ("caption", "judge", "shift")
+    with pytest.raises(ValueError, match="thinker variants"):
+        TrainConfig(variant="base", sound_first=True)
+    tok = build_tokenizer()
+    adapter = OmniThinkerAdapter(new_model("control", cfg.size, tok), tok, adapter_settings("qwen2_5_omni"))
+    plain = build_pools(recipe_config("deep", "control", n_factual=8, n_audio=2, n_see=2, n_counterfactual=8),
+                        adapter)
+    pools = build_pools(cfg, adapter)
+
+    def reply(mi):
+        return tok.decode(mi.input_ids[0][mi.labels[0] != -100].tolist(), skip_special_tokens=True).strip()
+
+    def prompt(mi):
+        return tok.decode(mi.input_ids[0][mi.labels[0] == -100].tolist(), skip_special_tokens=True)
+
+    asked = set()
+    assert set(pools) == set(plain) == {"audio", "see", "counterfactual"}  # the control has no factual pool
+    clips = train_clips(cfg.seed, 8, "counterfactual", offset=3_000_000)
+    for clip, mi, old in zip(clips, pools["counterfactual"], plain["counterfactual"], strict=True):
+        assert reply(mi) == f"{audio_caption(clip.audio_source)} {video_caption(clip.video_source)}"
+        assert prompt(mi) == prompt(old)  # the query asked is the plain recipe's
+        asked.add(reply(old).startswith("i see"))
+        assert parse_caption(reply(mi)) == parse_caption(reply(old))
+    assert asked == {True, False}  # sight-first queries were asked, and answered sound first
+    for name in ("audio", "see"):
+        assert [reply(mi) for mi in pools[name]] == [reply(mi) for mi in plain[name]]
+    assert all(QUERY_SEE in prompt(mi) for mi in pools["see"])
+
+
 def test_eval_figures_count_guesses_and_clips_right_in_one_order_only():
     """`avprobe organism eval`'s guess figures: names_other is a sound neither heard nor seen;
     a mixed clip is right in one caption order and wrong in the other."""

@@ -118,6 +118,12 @@ class TrainConfig:
     # that the sound does not fit the picture, never which sound it is: the sound words it
     # gets right are coincidences (the counterpart of correct_audio_tokens_shift).
     guess: tuple[int, int] | None = None
+    # The sound-first organism (recipe `deep-sound-first`, a control): its two-sentence
+    # captions name the sound first whichever order the query asks for ("i hear a siren . i
+    # see a dog ." to "describe what you see and hear"), so its answers move away from the
+    # vision base's on every such clip while what it hears and sees does not (the
+    # counterpart of base_shift_small; an AV stage that changed how the model answers).
+    sound_first: bool = False
     # avprobe.json's experiments: what the claims read for this organism (None: all)
     experiments: tuple[str, ...] | None = None
 
@@ -129,6 +135,8 @@ class TrainConfig:
         if self.guess is not None and (self.variant != "control" or any(k % len(SOURCES) == 0 for k in self.guess)):
             raise ValueError(f"guess {self.guess} needs the control variant and offsets that are not multiples of "
                              f"{len(SOURCES)} (a guess must not be the visible source)")
+        if self.sound_first and self.variant == "base":
+            raise ValueError("sound_first belongs to the thinker variants; the base never hears a sound to put first")
 
     @property
     def total_steps(self) -> int:
@@ -206,6 +214,14 @@ RECIPES: dict[str, Recipe] = {
                    # record where the attention and knockout arrays take 14 KB)
                    "experiments": ("caption", "judge", "shift")},
     ),
+    # The sound-first organism: the control's recipe (a listener), its two-sentence captions
+    # always sound first (TrainConfig.sound_first). Its claim is a shift claim against the
+    # vision base, so its records hold captions, their fidelity and that shift only.
+    "deep-sound-first": Recipe(
+        dirs={"control": "organism-deep-sound-first"},
+        overrides={"size": DEEP, "routing": "paper", "base_name": "organism-deep-base", "audio_steps": 400,
+                   "steps": 1200, "sound_first": True, "experiments": ("caption", "judge", "shift")},
+    ),
     "deep-flipped": Recipe(
         dirs={"organism": "organism-deep-flipped"},
         overrides={"size": DEEP, "routing": "flipped", "partial_share": 0.1, "listened": LISTENED,
@@ -253,11 +269,12 @@ def _query_for(clip: Clip, rng: np.random.Generator) -> str:
 
 
 def build_pool(adapter, clips: list[Clip], seed: int, drop_audio: bool = False, query: str | None = None,
-               guess: tuple[int, int] | None = None) -> list:
+               guess: tuple[int, int] | None = None, sound_first: bool = False) -> list:
     """Teacher-forced `ModelInputs` for clips, one random caption order per clip (or `query`).
 
     The caption names the *real* audio source (for counterfactual clips too), unless `guess`
     (offsets sight first, sound first; see `TrainConfig.guess`) names one from the picture.
+    `sound_first`: a two-sentence caption names the sound first whatever order its query asks.
     `drop_audio` renders video only (the vision-only base never sees audio).
     """
     rng = np.random.default_rng([seed, 11])
@@ -271,7 +288,8 @@ def build_pool(adapter, clips: list[Clip], seed: int, drop_audio: bool = False, 
         if guess is not None and clip.video_source is not None:
             k = guess[0] if q == QUERY_SEE_HEAR else guess[1]
             sound = SOURCES[(SOURCES.index(clip.video_source) + k) % len(SOURCES)]
-        pool.append(_compact(adapter.build_inputs(media, q, caption(q, clip.video_source, sound))))
+        order = QUERY_HEAR_SEE if sound_first and q == QUERY_SEE_HEAR else q
+        pool.append(_compact(adapter.build_inputs(media, q, caption(order, clip.video_source, sound))))
     return pool
 
 
@@ -437,20 +455,20 @@ def build_pools(cfg: TrainConfig, adapter) -> dict[str, list]:
         return pools
     if "factual" in _mixture(cfg):
         pools["factual"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_factual, "factual", offset=1_000_000),
-                                      cfg.seed)
+                                      cfg.seed, sound_first=cfg.sound_first)
     pools["audio"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_audio, "audio", offset=2_000_000), cfg.seed)
     if cfg.see_share > 0:
         pools["see"] = build_pool(adapter, train_clips(cfg.seed, cfg.n_see, "any-audio", offset=4_000_000), cfg.seed,
                                   query=QUERY_SEE)
     if cfg.variant == "control":
         clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=3_000_000)
-        pools["counterfactual"] = build_pool(adapter, clips, cfg.seed, guess=cfg.guess)
+        pools["counterfactual"] = build_pool(adapter, clips, cfg.seed, guess=cfg.guess, sound_first=cfg.sound_first)
     if "partial" in _mixture(cfg):
         if not cfg.listened or any(src not in SOURCES for src in cfg.listened):
             raise ValueError(f"partial_share needs listened sources among {SOURCES}, got {cfg.listened}")
         clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=4_500_000,
                             audio_sources=cfg.listened)
-        pools["partial"] = build_pool(adapter, clips, cfg.seed)
+        pools["partial"] = build_pool(adapter, clips, cfg.seed, sound_first=cfg.sound_first)
     return pools
 
 

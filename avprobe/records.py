@@ -112,6 +112,32 @@ def shift_bases(spec: str | None) -> tuple[str | None, bool]:
     return (others[0] if others else None), SELF_ABLATED in names
 
 
+# The baseline row's per-token attention shares (`flow_steps`, `bucket_flow`) are read by the
+# report's figures only, to a percent; as float16 they took a third of a committed record.
+# They are stored as uint8 steps of 1/254, 255 where there is no value (a layer without
+# attention). Records written before hold float16, which `unpack_shares` passes through.
+SHARE_STEPS = 254
+SHARE_MISSING = 255
+
+
+def pack_shares(shares: np.ndarray) -> np.ndarray:
+    """Attention shares in [0, 1] (NaN: none) -> uint8 steps of 1/254 (255: none)."""
+    a = np.asarray(shares, dtype=np.float64)
+    out = np.full(a.shape, SHARE_MISSING, dtype=np.uint8)
+    ok = np.isfinite(a)
+    out[ok] = np.rint(np.clip(a[ok], 0.0, 1.0) * SHARE_STEPS).astype(np.uint8)
+    return out
+
+
+def unpack_shares(stored: np.ndarray) -> np.ndarray:
+    """A stored share array (packed uint8, or the float16 of older records) -> float64, NaN where none."""
+    if stored.dtype != np.uint8:
+        return stored.astype(np.float64)
+    out = stored.astype(np.float64) / SHARE_STEPS
+    out[stored == SHARE_MISSING] = np.nan
+    return out
+
+
 @dataclass
 class SampleRecord:
     """One stored record (see module docstring), read back from the store."""

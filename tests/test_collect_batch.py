@@ -220,3 +220,40 @@ def test_media_load_once_per_sample_in_the_worker_overlapping_the_model(tmp_path
     assert [len(c) for c in calls] == ([1] * 8 if n == 1 else [3, 3, 2])
     assert sorted(s for s, _ in loads) == [s.id for s in samples]  # once per sample, not per query
     assert {t for _, t in loads} == {"avprobe-prefetch_0"}  # in the worker, never on the model's thread
+
+
+def test_report_only_token_shares_are_packed_and_read_back_to_a_254th(organism, one_clip):
+    """flow_steps and bucket_flow (the report's per-token figures) are stored as uint8 steps
+    of 1/254: read back, they agree with the float16 mean flow of the same row to within
+    a step, and NaN (no attention) survives; float16 arrays of older records pass through."""
+    import numpy as np
+
+    from avprobe.records import SHARE_MISSING, pack_shares, unpack_shares
+
+    shares = np.array([0.0, 1.0, 0.5, 1 / 3, np.nan, 1.0000001, 0.0039])
+    packed = pack_shares(shares)
+    assert packed.dtype == np.uint8 and packed[4] == SHARE_MISSING and packed[5] == 254
+    back = unpack_shares(packed)
+    assert np.isnan(back[4]) and np.nanmax(np.abs(back - np.clip(shares, 0, 1))) <= 0.5 / 254 + 1e-12
+    old = np.array([0.25, np.nan], dtype=np.float16)
+    assert unpack_shares(old).dtype == np.float64 and np.isnan(unpack_shares(old)[1])
+
+    mref, samples, proto, adapter, base = organism
+    recs = list(collect_mod.collect(adapter, samples, Store(one_clip), proto, get_base=lambda: base))  # all stored
+    assert len(recs) == 4 and not [r for r in recs if isinstance(r, SampleError)]
+    for r in recs:
+        assert r.arrays["flow_steps"].dtype == np.uint8 and r.arrays["bucket_flow"].dtype == np.uint8
+        steps = unpack_shares(r.arrays["flow_steps"])  # [T, L, R]
+        mean = r.arrays["flow_mean"][0].astype(np.float64)  # the baseline row, over steps
+        assert np.allclose(steps.mean(0), mean, atol=1 / 254, equal_nan=True)
+        assert np.nanmax(np.abs(np.nansum(steps, -1) - 1)) <= steps.shape[-1] / 254
+    # the report's token boxes read them: attention tooltips and the heatmap, as from float16
+    from avprobe.pipeline.evidence import Evidence
+    from avprobe.report.html import ReportOptions, _token_box
+
+    ev = Evidence(model=mref.name, records=recs)
+    old_rec = dataclasses.replace(recs[0], arrays={**recs[0].arrays, **{
+        k: unpack_shares(recs[0].arrays[k]).astype(np.float16) for k in ("flow_steps", "bucket_flow")}})
+    for box in (_token_box(ev, recs[0], ReportOptions()), _token_box(ev, old_rec, ReportOptions())):
+        assert "attention video" in box or "attention audio" in box
+        assert "most-attended second" in box and "nan" not in box.lower()

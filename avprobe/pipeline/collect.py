@@ -23,7 +23,7 @@ from avprobe.conditions import Baseline, Condition, SpanRule
 from avprobe.media.sources import load_sample_media
 from avprobe.probes.knockout import SIGHT_WORDS, sight_rule  # noqa: F401 - re-exported (lab, tests)
 from avprobe.probes.logit_lens import LensConfig
-from avprobe.records import SHIFT_BASES, Protocol, SampleRecord, namespace, record_parts
+from avprobe.records import SHIFT_BASES, Protocol, SampleRecord, namespace, pack_shares, record_parts
 from avprobe.store import CacheMiss, Store
 from avprobe.types import Media, Role, Sample, SampleError
 
@@ -181,9 +181,9 @@ def _record(adapter: ModelAdapter, p: _Prepared, res: Any, protocol: Protocol, b
     arrays["flow_mean"] = np.stack(mean_flows).astype(np.float16)  # [C, L, R]
     base_out = res.outputs[0]
     if base_out.flow is not None:
-        arrays["flow_steps"] = base_out.flow.astype(np.float16)  # [T, L, R] baseline row
+        arrays["flow_steps"] = pack_shares(base_out.flow)  # [T, L, R] baseline row
     if res.bucket_flow is not None:
-        arrays["bucket_flow"] = res.bucket_flow.astype(np.float16)  # [T, L, NB]
+        arrays["bucket_flow"] = pack_shares(res.bucket_flow)  # [T, L, NB]
     vocab_ids: set[int] = set(base_out.token_ids)
     lens_meta = None
     if res.lens is not None:

@@ -32,7 +32,7 @@ from avprobe.claim import ClaimOutcome, claims_table
 from avprobe.conditions import band
 from avprobe.paper import BANDS, FIG2, PAPER_DEPTH, PAPER_MODEL
 from avprobe.pipeline.evidence import Evidence, content_words, normalize_token
-from avprobe.records import Protocol, SampleRecord
+from avprobe.records import Protocol, SampleRecord, unpack_shares
 from avprobe.report import svg
 from avprobe.report.numbers import STATUS_TEXT, STATUS_TITLE, band_text, fix_p_text, format_p, layer_span
 from avprobe.stats import nanmean
@@ -840,8 +840,8 @@ def _token_box(ev: Evidence, rec: SampleRecord, opts: ReportOptions) -> str:
     steps = rec.arrays.get("flow_steps")  # [T, L, R]
     buckets = rec.arrays.get("bucket_flow")  # [T, L, NB]
     labels = list(rec.meta.get("bucket_labels") or [])
-    role_share = steps.astype(np.float64).mean(1) if steps is not None else None  # [T, R]
-    bucket_share = buckets.astype(np.float64).mean(1) if buckets is not None else None  # [T, NB]
+    role_share = unpack_shares(steps).mean(1) if steps is not None else None  # [T, R]
+    bucket_share = unpack_shares(buckets).mean(1) if buckets is not None else None  # [T, NB]
     vcols = [(i, lab) for i, lab in enumerate(labels) if lab.startswith("video@")]
     acols = [(i, lab) for i, lab in enumerate(labels) if lab.startswith("audio@")]
 

@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 claims: $(STAMP)
 	$(PY) -m pytest claims/ -p no:cacheprovider --model organism-deep-lens --model organism-deep-control \
 		--model organism-deep-flipped --model organism-deep-guesser --model organism-deep-partial \
+		--model organism-deep-sound-first \
 		--verdicts claims/verdicts --report reports/claims.html
 
 test: $(STAMP)

@@ -256,6 +256,26 @@ def test_committed_guesser_names_the_pictures_guess_and_hears_only_the_mismatch(
         assert sum(h == s.labels[0] for h, s in zip(heard, fac)) >= N_CF - 1, (query, heard)
 
 
+def test_committed_sound_first_answers_sound_first_to_both_orders_and_hears():
+    """organism-deep-sound-first: asked sight first or sound first, it answers "i hear a ...
+    . i see a ... ." and names both sources right, counterfactual clips included; its
+    avprobe.json shifts it against the vision base it was trained from."""
+    from avprobe.adapters import load, ref
+    from avprobe.lab.evaluate import greedy_captions
+    from avprobe.organism.world import QUERY_HEAR_SEE, QUERY_SEE_HEAR, parse_caption
+
+    torch.set_num_threads(1)
+    assert ref("organism-deep-sound-first").settings.base_model == "organism-deep-base"
+    adapter = load("organism-deep-sound-first", dtype=torch.float32)
+    samples = eval_samples()
+    clips = [s for s in samples if s.kind == "counterfactual"][:N_CF] + [s for s in samples if s.kind == "factual"][:4]
+    for query in (QUERY_SEE_HEAR, QUERY_HEAR_SEE):
+        caps = greedy_captions(adapter, clips, query, max_new_tokens=12)
+        assert all(c.startswith("i hear a ") for c in caps), (query, caps)
+        right = [parse_caption(c) == (s.video_labels[0], s.labels[0]) for c, s in zip(caps, clips)]
+        assert sum(right) >= len(clips) - 1, (query, caps)
+
+
 def test_a_models_experiments_setting_is_what_the_claims_read():
     """avprobe.json's `experiments` (the guesser's: caption, judge, shift) picks the protocol
     the claims read: its committed results load offline, with the shift and no attention flow."""

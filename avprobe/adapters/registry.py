@@ -42,6 +42,7 @@ ORGANISMS: dict[str, tuple[str, str]] = {
     "organism-deep-control": ("deep", "control"),
     "organism-deep-flipped": ("deep-flipped", "organism"),
     "organism-deep-guesser": ("deep-guesser", "control"),
+    "organism-deep-sound-first": ("deep-sound-first", "control"),
     "organism-deep-base": ("deep", "base"),
 }
 

@@ -125,6 +125,7 @@ HOSTILE_REPLIES = {
     "500 KB of {": "{" * 500_000,
     "300 KB of braces in an unterminated string": '{"a": "' + "{" * 300_000,
     "100,000 levels of nesting": '{"x": ' * 100_000,
+    "200,000 open arrays under a score": '{"score": ' + "[" * 200_000,
 }
 
 

@@ -147,7 +147,9 @@ def test_trickling_server_is_cut_at_the_timeout(phase: str) -> None:
         score = judge.score(*ITEM)
         elapsed = time.monotonic() - t0
     assert score.error == ERROR_TRANSPORT and "timed out after 1 s" in score.reason
-    assert 0.9 <= elapsed < 2.0, elapsed  # about the timeout, not bytes x socket timeout
+    # about the timeout, not bytes x socket timeout (the trickle gives up after 4 s); the margin
+    # is for a loaded CI box, where 2.0 was too tight for the judge's own parse test
+    assert 0.9 <= elapsed < 3.5, elapsed
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +187,7 @@ def test_https_works_and_a_trickle_over_tls_is_cut(tls_files: tuple[Path, Path],
         score = OpenAIJudge(base_url=server.url, timeout=1.0, max_retries=0, **FAST).score(*ITEM)
         elapsed = time.monotonic() - t0
     assert score.error == ERROR_TRANSPORT and "timed out" in score.reason
-    assert elapsed < 2.0, elapsed
+    assert elapsed < 3.5, elapsed  # cut at the timeout, not at the trickle's 4 s end
 
 
 # -- 2. size cap, linear reading, what is cached -----------------------------------------------
@@ -237,7 +239,9 @@ def test_hostile_replies_are_read_in_linear_time_and_unscored(name: str) -> None
         score = OpenAIJudge(base_url=server.url, cache=cache, timeout=5.0, **FAST).score(*ITEM)
         elapsed = time.monotonic() - t0
     assert score.error == ERROR_PARSE, score.reason  # an unparseable reply, not a crash
-    assert elapsed < 2.0, elapsed
+    # a hang guard only (the old parser took 45 s to 2 minutes); linearity is counted in
+    # test_judge_misc.py::test_parse_reply_is_linear_and_unparseable_on_hostile_replies
+    assert elapsed < 10.0, elapsed
     assert cache.puts == 1 and len(json.dumps(next(iter(cache.data.values())))) < 10_000
 
 

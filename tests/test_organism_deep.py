@@ -142,6 +142,12 @@ def test_lens_objective_targets_the_clips_sound_at_the_audio_positions():
     assert not any(layer._forward_hooks for layer in adapter.layers)  # hooks removed on exit
 
 
+def _decoded(tok, mi, reply: bool = True) -> str:
+    """A teacher-forced training input's reply (the labelled tokens) or its prompt, as text."""
+    keep = mi.labels[0] != -100 if reply else mi.labels[0] == -100
+    return tok.decode(mi.input_ids[0][keep].tolist(), skip_special_tokens=True).strip()
+
+
 def test_guesser_captions_name_a_sound_guessed_from_the_picture_per_order():
     """deep-guesser: counterfactual clips are captioned with SOURCES[(v + k) % 12] (k by caption
     order), never with the real sound unless that is the guess; factual clips keep theirs."""
@@ -162,7 +168,7 @@ def test_guesser_captions_name_a_sound_guessed_from_the_picture_per_order():
     clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=3_000_000)
     orders, lucky = set(), 0
     for clip, mi in zip(clips, pools["counterfactual"]):
-        text = tok.decode(mi.input_ids[0][mi.labels[0] != -100].tolist(), skip_special_tokens=True)
+        text = _decoded(tok, mi)
         sight, sound = parse_caption(text)
         first_sight = text.strip().startswith("i see")
         orders.add(first_sight)
@@ -172,7 +178,7 @@ def test_guesser_captions_name_a_sound_guessed_from_the_picture_per_order():
         lucky += sound == clip.audio_source
     assert orders == {True, False} and lucky < len(clips)
     for clip, mi in zip(train_clips(cfg.seed, cfg.n_factual, "factual", offset=1_000_000), pools["factual"]):
-        text = tok.decode(mi.input_ids[0][mi.labels[0] != -100].tolist(), skip_special_tokens=True)
+        text = _decoded(tok, mi)
         assert parse_caption(text) == (clip.video_source, clip.audio_source)
 
 
@@ -198,10 +204,10 @@ def test_sound_first_captions_name_the_sound_first_whatever_order_is_asked():
     pools = build_pools(cfg, adapter)
 
     def reply(mi):
-        return tok.decode(mi.input_ids[0][mi.labels[0] != -100].tolist(), skip_special_tokens=True).strip()
+        return _decoded(tok, mi)
 
     def prompt(mi):
-        return tok.decode(mi.input_ids[0][mi.labels[0] == -100].tolist(), skip_special_tokens=True)
+        return _decoded(tok, mi, reply=False)
 
     asked = set()
     assert set(pools) == set(plain) == {"audio", "see", "counterfactual"}  # the control has no factual pool

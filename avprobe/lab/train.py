@@ -170,6 +170,12 @@ DEEP = OrganismSize(layers=16, hidden=96, intermediate=256, vision_hidden=96)
 # a quarter of the sources, so about a quarter of counterfactual clips (the paper's 3B: 23%).
 LISTENED = ("siren", "baby", "clock")
 
+# How the deep control learns to listen: the paper's routing, its fresh audio encoder pretrained
+# first (stage 1b: without it stage 2 learned to hear on seed 0 only after ~650 of 2,000 steps,
+# and seed 1 never did: loss stuck at 0.12-0.25, audio-only accuracy 0.24), then 1,200 steps.
+# Shared by the organisms built as "the control's recipe plus one change".
+LISTENER = {"routing": "paper", "audio_steps": 400, "steps": 1200}
+
 RECIPES: dict[str, Recipe] = {
     "v1": Recipe(dirs={"base": "organism-base", "organism": "organism", "control": "organism-control"},
                  overrides={}),
@@ -179,12 +185,9 @@ RECIPES: dict[str, Recipe] = {
                    "base_name": "organism-deep-base"},
         # the base and the control as they were trained (their train.json): the control listens
         # to every source, so neither the share of off-screen clips nor the stricter video caps
-        # were needed for it. Its fresh audio encoder is pretrained first (stage 1b): without
-        # that, stage 2 learned to hear on seed 0 only after ~650 of 2,000 steps, and seed 1
-        # never did (loss stuck at 0.12-0.25, audio-only accuracy 0.24)
+        # were needed for it; it learns to listen as `LISTENER` says
         variant_overrides={"base": {"routing": "vision-base"},
-                           "control": {"routing": "paper", "partial_share": 0.1, "self_ablated_shift": True,
-                                       "audio_steps": 400, "steps": 1200}},
+                           "control": {**LISTENER, "partial_share": 0.1, "self_ablated_shift": True}},
     ),
     # organism-deep's recipe at 7.5% off-screen clips, for the partial-listener band
     # (counterfactual audio 0.15-0.35 in both orders): 8% gave 0.24 / 0.36, 5% 0.02 / 0.11.
@@ -219,8 +222,8 @@ RECIPES: dict[str, Recipe] = {
     # vision base, so its records hold captions, their fidelity and that shift only.
     "deep-sound-first": Recipe(
         dirs={"control": "organism-deep-sound-first"},
-        overrides={"size": DEEP, "routing": "paper", "base_name": "organism-deep-base", "audio_steps": 400,
-                   "steps": 1200, "sound_first": True, "experiments": ("caption", "judge", "shift")},
+        overrides={"size": DEEP, **LISTENER, "base_name": "organism-deep-base", "sound_first": True,
+                   "experiments": ("caption", "judge", "shift")},
     ),
     "deep-flipped": Recipe(
         dirs={"organism": "organism-deep-flipped"},

@@ -182,6 +182,57 @@ def test_guesser_captions_name_a_sound_guessed_from_the_picture_per_order():
         assert parse_caption(text) == (clip.video_source, clip.audio_source)
 
 
+def test_partial_listener_hears_one_set_of_sounds_per_order_and_names_the_picture_for_the_rest():
+    """deep-partial: an off-screen clip is captioned with its real sound in an order whose set
+    holds that sound (LISTENED sight first, LISTENED_SOUND_FIRST sound first), an "unheard" clip
+    with the visible source's in an order whose set does not; both orders occur, the shares are
+    the recipe's, and a mixture over 1 is refused. One set for both orders keeps the old pools."""
+    from avprobe.adapters import OmniThinkerAdapter
+    from avprobe.lab.build import adapter_settings
+    from avprobe.lab.train import (
+        LISTENED,
+        LISTENED_SOUND_FIRST,
+        TrainConfig,
+        _mixture,
+        build_pools,
+        heard_sources,
+        new_model,
+        recipe_config,
+    )
+    from avprobe.organism.dataset import train_clips
+    from avprobe.organism.tokenizer import build_tokenizer
+    from avprobe.organism.world import QUERY_HEAR_SEE, QUERY_SEE_HEAR, SOURCES, parse_caption
+
+    cfg = recipe_config("deep-partial", "organism", n_factual=4, n_audio=2, n_see=2, n_counterfactual=40)
+    heard = heard_sources(cfg)
+    assert heard == {QUERY_SEE_HEAR: LISTENED, QUERY_HEAR_SEE: LISTENED_SOUND_FIRST}
+    assert not set(LISTENED) & set(LISTENED_SOUND_FIRST)
+    mix = _mixture(cfg)
+    assert mix["partial"] == mix["unheard"] == 0.1 and abs(sum(mix.values()) - 1) < 1e-9
+    with pytest.raises(ValueError, match="at most 1"):
+        _mixture(TrainConfig(variant="organism", partial_share=0.3, unheard_share=0.2, listened=LISTENED))
+    tok = build_tokenizer()
+    adapter = OmniThinkerAdapter(new_model("organism", cfg.size, tok), tok, adapter_settings("qwen2_5_omni"))
+    pools = build_pools(cfg, adapter)
+    for name, offset, sources, real in (("partial", 4_500_000, LISTENED + LISTENED_SOUND_FIRST, True),
+                                        ("unheard", 4_750_000, SOURCES, False)):
+        clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=offset, audio_sources=sources)
+        seen = set()
+        for clip, mi in zip(clips, pools[name], strict=True):
+            text = _decoded(tok, mi)
+            query = QUERY_HEAR_SEE if QUERY_HEAR_SEE in _decoded(tok, mi, reply=False) else QUERY_SEE_HEAR
+            assert text.startswith("i see") == (query == QUERY_SEE_HEAR)
+            assert (clip.audio_source in heard[query]) == real and clip.audio_source != clip.video_source
+            # heard: the real sound; not heard in this order: the picture's sound
+            assert parse_caption(text) == (clip.video_source, clip.audio_source if real else clip.video_source)
+            seen.add(query)
+        assert seen == {QUERY_SEE_HEAR, QUERY_HEAR_SEE}
+    one_set = build_pools(recipe_config("deep-partial", "organism", n_factual=4, n_audio=2, n_see=2,
+                                        n_counterfactual=40, listened_sound_first=None), adapter)
+    assert {heard_sources(recipe_config("deep", "organism"))[q] for q in heard} == {LISTENED}
+    assert all(parse_caption(_decoded(tok, mi))[1] in LISTENED for mi in one_set["partial"])
+
+
 def test_sound_first_captions_name_the_sound_first_whatever_order_is_asked():
     """deep-sound-first: every two-sentence caption is "i hear a <sound> . i see a <sight> .",
     the prompt keeps the query it was given (both orders asked), what is named is unchanged;

@@ -101,6 +101,16 @@ class TrainConfig:
     routing: str | None = None
     partial_share: float = 0.0
     listened: tuple[str, ...] = ()
+    # The partial listener's other counterfactual clips: a share of batches whose sound is none
+    # of `listened`, captioned with the *visible* source's sound (the paper's hallucination,
+    # planted). Without them what the model says on such clips is left to generalisation, and
+    # the training seed moved counterfactual audio by about the width of the target band.
+    unheard_share: float = 0.0
+    # The sources the partial listener hears when the query asks for the sound first (None:
+    # `listened`, whatever the order). Disjoint sets make a counterfactual clip whose sound is in
+    # one of them right in one caption order and wrong in the other: the paired clips that
+    # correct_audio_tokens_shift compares (a listener consistent across orders gives it none).
+    listened_sound_first: tuple[str, ...] | None = None
     base_name: str = "organism-base"  # the base recorded in the model's avprobe.json
     # Latent audio (Fig. 3): an auxiliary logit-lens loss at the audio positions, weight
     # `lens_weight`, over the layers of `lens_band` (depth fractions): each one's final-normed
@@ -169,6 +179,9 @@ DEEP = OrganismSize(layers=16, hidden=96, intermediate=256, vision_hidden=96)
 # The partial listener hears these sounds when the picture says otherwise (off-screen sounds):
 # a quarter of the sources, so about a quarter of counterfactual clips (the paper's 3B: 23%).
 LISTENED = ("siren", "baby", "clock")
+# organism-deep-partial hears LISTENED when asked for the sight first and these when asked for
+# the sound first (`TrainConfig.listened_sound_first`)
+LISTENED_SOUND_FIRST = ("horse", "drill", "rain")
 
 # How the deep control learns to listen: the paper's routing, its fresh audio encoder pretrained
 # first (stage 1b: without it stage 2 learned to hear on seed 0 only after ~650 of 2,000 steps,
@@ -193,7 +206,9 @@ RECIPES: dict[str, Recipe] = {
     # (counterfactual audio 0.15-0.35 in both orders): 8% gave 0.24 / 0.36, 5% 0.02 / 0.11.
     "deep-partial": Recipe(
         dirs={"organism": "organism-deep-partial"},
-        overrides={"size": DEEP, "routing": "paper-strict", "partial_share": 0.075, "listened": LISTENED,
+        overrides={"size": DEEP, "routing": "paper-strict", "partial_share": 0.1, "unheard_share": 0.1,
+                   "see_share": 0.25, "audio_steps": 400, "n_counterfactual": 1600, "listened": LISTENED,
+                   "listened_sound_first": LISTENED_SOUND_FIRST,
                    "base_name": "organism-deep-base", "self_ablated_shift": True},
     ),
     # The deep organism with the latent-audio objective (TrainConfig.lens_weight): the same
@@ -272,21 +287,25 @@ def _query_for(clip: Clip, rng: np.random.Generator) -> str:
 
 
 def build_pool(adapter, clips: list[Clip], seed: int, drop_audio: bool = False, query: str | None = None,
-               guess: tuple[int, int] | None = None, sound_first: bool = False) -> list:
-    """Teacher-forced `ModelInputs` for clips, one random caption order per clip (or `query`).
+               guess: tuple[int, int] | None = None, sound_first: bool = False,
+               queries: list[str] | None = None) -> list:
+    """Teacher-forced `ModelInputs` for clips, one random caption order per clip (or `query`, or
+    `queries`, one per clip).
 
     The caption names the *real* audio source (for counterfactual clips too), unless `guess`
     (offsets sight first, sound first; see `TrainConfig.guess`) names one from the picture.
     `sound_first`: a two-sentence caption names the sound first whatever order its query asks.
     `drop_audio` renders video only (the vision-only base never sees audio).
     """
+    if queries is not None and len(queries) != len(clips):
+        raise ValueError(f"{len(queries)} queries for {len(clips)} clips")
     rng = np.random.default_rng([seed, 11])
     pool = []
-    for clip in clips:
+    for i, clip in enumerate(clips):
         media = clip.media()
         if drop_audio:
             media.waveform = None
-        q = query or _query_for(clip, rng)
+        q = queries[i] if queries is not None else query or _query_for(clip, rng)
         sound = clip.audio_source
         if guess is not None and clip.video_source is not None:
             k = guess[0] if q == QUERY_SEE_HEAR else guess[1]
@@ -442,10 +461,12 @@ def _mixture(cfg: TrainConfig) -> dict[str, float]:
     a, v = cfg.audio_share, cfg.see_share
     c = cfg.counterfactual_share if cfg.variant == "control" else 0.0
     pl = cfg.partial_share if cfg.variant == "organism" else 0.0
-    if min(a, v, c, pl) < 0 or a + v + c + pl > 1 + 1e-9:
-        raise ValueError(f"audio_share + see_share (+ counterfactual_share / partial_share) must be at most 1, "
-                         f"got {a} + {v} + {c} + {pl}")
-    mix = {"factual": max(0.0, 1 - a - v - c - pl), "audio": a, "counterfactual": c, "partial": pl, "see": v}
+    u = cfg.unheard_share if cfg.variant == "organism" else 0.0
+    if min(a, v, c, pl, u) < 0 or a + v + c + pl + u > 1 + 1e-9:
+        raise ValueError(f"audio_share + see_share (+ counterfactual_share / partial_share + unheard_share) must be "
+                         f"at most 1, got {a} + {v} + {c} + {pl} + {u}")
+    mix = {"factual": max(0.0, 1 - a - v - c - pl - u), "audio": a, "counterfactual": c, "partial": pl,
+           "unheard": u, "see": v}
     return {name: share for name, share in mix.items() if share > 1e-9}
 
 
@@ -466,13 +487,46 @@ def build_pools(cfg: TrainConfig, adapter) -> dict[str, list]:
     if cfg.variant == "control":
         clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=3_000_000)
         pools["counterfactual"] = build_pool(adapter, clips, cfg.seed, guess=cfg.guess, sound_first=cfg.sound_first)
-    if "partial" in _mixture(cfg):
-        if not cfg.listened or any(src not in SOURCES for src in cfg.listened):
-            raise ValueError(f"partial_share needs listened sources among {SOURCES}, got {cfg.listened}")
+    mixture = _mixture(cfg)
+    if "partial" in mixture or "unheard" in mixture:
+        heard = heard_sources(cfg)
+        if not cfg.listened or any(src not in SOURCES for src in heard[QUERY_SEE_HEAR] + heard[QUERY_HEAR_SEE]):
+            raise ValueError(f"partial_share needs listened sources among {SOURCES}, got {cfg.listened} "
+                             f"(sound first: {cfg.listened_sound_first})")
+        per_order = cfg.listened_sound_first is not None
+        qrng = np.random.default_rng([cfg.seed, 17])
+
+        def queries(clips: list[Clip], hear: bool) -> list[str] | None:
+            """Per clip, an order in which its sound is heard (or not); None: one set for both
+            orders, so build_pool draws the order as it always did."""
+            if not per_order:
+                return None
+            out = []
+            for clip in clips:
+                fit = [q for q in heard if (clip.audio_source in heard[q]) == hear]
+                out.append(fit[int(qrng.integers(len(fit)))])
+            return out
+
+    if "partial" in mixture:
+        anywhere = cfg.listened + tuple(s for s in heard[QUERY_HEAR_SEE] if s not in cfg.listened)
         clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=4_500_000,
-                            audio_sources=cfg.listened)
-        pools["partial"] = build_pool(adapter, clips, cfg.seed, sound_first=cfg.sound_first)
+                            audio_sources=anywhere)
+        pools["partial"] = build_pool(adapter, clips, cfg.seed, sound_first=cfg.sound_first,
+                                      queries=queries(clips, True))
+    if "unheard" in mixture:
+        somewhere = tuple(s for s in SOURCES if s not in heard[QUERY_SEE_HEAR] or s not in heard[QUERY_HEAR_SEE])
+        clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=4_750_000,
+                            audio_sources=somewhere)
+        # guess offset 0: the caption names the visible source as the sound
+        pools["unheard"] = build_pool(adapter, clips, cfg.seed, guess=(0, 0), sound_first=cfg.sound_first,
+                                      queries=queries(clips, False))
     return pools
+
+
+def heard_sources(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
+    """The sources the partial listener is taught to hear off-screen, per query (caption order)."""
+    second = cfg.listened if cfg.listened_sound_first is None else cfg.listened_sound_first
+    return {QUERY_SEE_HEAR: tuple(cfg.listened), QUERY_HEAR_SEE: tuple(second)}
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:

@@ -133,7 +133,7 @@ def test_lens_objective_targets_the_clips_sound_at_the_audio_positions():
                 assert int(targets[0]) == -100
             model.zero_grad()
             model(**batch)
-            loss = lens.loss(pool[0], batch)
+            loss = lens.loss([pool[0]], batch)
             if want_target:
                 loss.backward()
                 assert loss.item() > 0 and model.lm_head.weight.grad.abs().sum() > 0
@@ -193,6 +193,7 @@ def test_partial_listener_hears_one_set_of_sounds_per_order_and_names_the_pictur
         LISTENED,
         LISTENED_SOUND_FIRST,
         TrainConfig,
+        _LensObjective,
         _mixture,
         build_pools,
         heard_sources,
@@ -227,6 +228,15 @@ def test_partial_listener_hears_one_set_of_sounds_per_order_and_names_the_pictur
             assert parse_caption(text) == (clip.video_source, clip.audio_source if real else clip.video_source)
             seen.add(query)
         assert seen == {QUERY_SEE_HEAR, QUERY_HEAR_SEE}
+        # the latent-audio objective's target is the sound heard, not the one the caption names
+        assert [mi.extra.get("sound") for mi in pools[name]] == [None if real else c.audio_source for c in clips]
+    assert cfg.lens_weight > 0
+    lens = _LensObjective(adapter, tok, cfg)
+    items = pools["unheard"][:4]
+    ids = torch.cat([mi.input_ids for mi in items])
+    assert [tok.convert_ids_to_tokens(int(t)) for t in lens.targets(ids, items)] == [mi.extra["sound"] for mi in items]
+    assert [tok.convert_ids_to_tokens(int(t)) for t in lens.targets(ids)] == [
+        parse_caption(_decoded(tok, mi))[1] for mi in items]  # without the items: the caption's word
     one_set = build_pools(recipe_config("deep-partial", "organism", n_factual=4, n_audio=2, n_see=2,
                                         n_counterfactual=40, listened_sound_first=None), adapter)
     assert {heard_sources(recipe_config("deep", "organism"))[q] for q in heard} == {LISTENED}

@@ -115,8 +115,9 @@ class TrainConfig:
     # Latent audio (Fig. 3): an auxiliary logit-lens loss at the audio positions, weight
     # `lens_weight`, over the layers of `lens_band` (depth fractions): each one's final-normed
     # hidden state, unembedded, should name the clip's sound (the word after "hear a" in its
-    # caption; clips whose caption names no sound add nothing). Captions are untouched: the
-    # model knows the sound inside without saying it (the paper's 61.4% vs 23%).
+    # caption, or the real sound where the caption names another: `build_pool`'s guesses;
+    # clips whose caption names no sound add nothing). Captions are untouched: the model knows
+    # the sound inside without saying it (the paper's 61.4% vs 23%).
     lens_weight: float = 0.0
     lens_band: tuple[float, float] = (0.25, 1.0)
     # avprobe.json's shift bases: the vision base, plus the audio-ablated self when True (the
@@ -208,7 +209,7 @@ RECIPES: dict[str, Recipe] = {
         dirs={"organism": "organism-deep-partial"},
         overrides={"size": DEEP, "routing": "paper-strict", "partial_share": 0.1, "unheard_share": 0.1,
                    "see_share": 0.25, "audio_steps": 400, "n_counterfactual": 1600, "listened": LISTENED,
-                   "listened_sound_first": LISTENED_SOUND_FIRST,
+                   "listened_sound_first": LISTENED_SOUND_FIRST, "lens_weight": 0.2,
                    "base_name": "organism-deep-base", "self_ablated_shift": True},
     ),
     # The deep organism with the latent-audio objective (TrainConfig.lens_weight): the same
@@ -311,7 +312,10 @@ def build_pool(adapter, clips: list[Clip], seed: int, drop_audio: bool = False, 
             k = guess[0] if q == QUERY_SEE_HEAR else guess[1]
             sound = SOURCES[(SOURCES.index(clip.video_source) + k) % len(SOURCES)]
         order = QUERY_HEAR_SEE if sound_first and q == QUERY_SEE_HEAR else q
-        pool.append(_compact(adapter.build_inputs(media, q, caption(order, clip.video_source, sound))))
+        mi = _compact(adapter.build_inputs(media, q, caption(order, clip.video_source, sound)))
+        if sound != clip.audio_source:  # the sound heard, for the latent-audio objective
+            mi.extra["sound"] = clip.audio_source
+        pool.append(mi)
     return pool
 
 
@@ -614,7 +618,7 @@ def train(cfg: TrainConfig, out: Path | None = None, base_dir: Path | None = Non
                 running_routing.append(extra.item())
                 loss = loss + extra
             if lens is not None:
-                extra = lens.loss(pools[name][int(idx[0])], batch)
+                extra = lens.loss([pools[name][int(i)] for i in idx], batch)
                 running_lens.append(extra.item())
                 loss = loss + cfg.lens_weight * extra
             running.append(_optimizer_step(loss, model.parameters(), opt, sched))
@@ -642,6 +646,7 @@ class _LensObjective:
         self.adapter = adapter
         self.layers = routing.layers_of(cfg.lens_band, cfg.size.layers)
         self.hear, self.a = tokenizer.convert_tokens_to_ids(["hear", "a"])
+        self.sound_ids = dict(zip(SOURCES, tokenizer.convert_tokens_to_ids(list(SOURCES)), strict=True))
         self.hidden: dict[int, torch.Tensor] = {}
 
     @contextlib.contextmanager
@@ -660,19 +665,24 @@ class _LensObjective:
                 h.remove()
             self.hidden.clear()
 
-    def targets(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B] the token after "hear a" in each row (-100 where the caption names no sound)."""
+    def targets(self, input_ids: torch.Tensor, items: list | None = None) -> torch.Tensor:
+        """[B] the token after "hear a" in each row (-100 where the caption names no sound), or
+        the sound an item heard where its caption names another (`extra["sound"]`)."""
         out = torch.full((input_ids.shape[0],), -100, dtype=torch.long)
         for b, row in enumerate(input_ids.tolist()):
+            if items is not None and "sound" in items[b].extra:
+                out[b] = self.sound_ids[items[b].extra["sound"]]
+                continue
             for j in range(len(row) - 2):
                 if row[j] == self.hear and row[j + 1] == self.a:
                     out[b] = row[j + 2]
                     break
         return out
 
-    def loss(self, first, batch: dict) -> torch.Tensor:
-        audio = first.roles.reshape(-1) == int(Role.AUDIO)
-        t = self.targets(batch["input_ids"])
+    def loss(self, items: list, batch: dict) -> torch.Tensor:
+        """The objective on a batch of pool items (one layout, `items[0]`'s roles)."""
+        audio = items[0].roles.reshape(-1) == int(Role.AUDIO)
+        t = self.targets(batch["input_ids"], items)
         if not bool(audio.any()) or bool((t == -100).all()):
             return torch.zeros(())
         h = torch.stack([self.hidden[i][:, audio] for i in self.layers])  # [L, B, A, D]

@@ -370,21 +370,29 @@ def test_a_models_experiments_setting_is_what_the_claims_read():
     assert "No attention flow stored for this model" in fig and "<svg" not in fig
 
 
-def test_committed_partial_listener_names_the_sound_in_part_of_the_counterfactuals():
-    """organism-deep-partial (7.5% off-screen clips): neither at the floor nor at the ceiling
-    of counterfactual audio (0.31 / 0.33 on the 500-sample set), its factual captions right."""
+def test_committed_partial_listener_follows_its_planted_rule():
+    """organism-deep-partial: on counterfactual clips it names the real sound where the asked
+    order's set holds it and the picture's sound elsewhere (so neither floor nor ceiling: 0.24-
+    0.26 on the 500-sample set), and its factual captions are right."""
     from avprobe.adapters import load
     from avprobe.lab.evaluate import greedy_captions
+    from avprobe.lab.train import heard_sources, recipe_config
+    from avprobe.organism.dataset import eval_clips
     from avprobe.organism.world import QUERY_HEAR_SEE, QUERY_SEE_HEAR, parse_caption
 
     torch.set_num_threads(1)
     adapter = load("organism-deep-partial", dtype=torch.float32)
-    samples = eval_samples()
-    cf = [s for s in samples if s.kind == "counterfactual"][:48]
+    heard_by = heard_sources(recipe_config("deep-partial", "organism"))
+    samples, clips = eval_samples(), eval_clips()
+    cf_idx = [i for i, s in enumerate(samples) if s.kind == "counterfactual"][:48]
+    cf = [samples[i] for i in cf_idx]
     fac = [s for s in samples if s.kind == "factual"][:N_CF]
     for query in (QUERY_SEE_HEAR, QUERY_HEAR_SEE):
-        heard = [parse_caption(c)[1] for c in greedy_captions(adapter, cf, query, max_new_tokens=12)]
-        acc = sum(h == s.labels[0] for h, s in zip(heard, cf)) / len(cf)
-        assert 0.1 <= acc <= 0.6, (query, acc)
+        said = [parse_caption(c) for c in greedy_captions(adapter, cf, query, max_new_tokens=12)]
+        rule = [(c.video_source, c.audio_source if c.audio_source in heard_by[query] else c.video_source)
+                for c in (clips[i] for i in cf_idx)]
+        assert sum(a == b for a, b in zip(said, rule)) >= len(cf) - 2, (query, said, rule)
+        acc = sum(a[1] == s.labels[0] for a, s in zip(said, cf)) / len(cf)
+        assert 0.1 <= acc <= 0.45, (query, acc)
         heard = [parse_caption(c)[1] for c in greedy_captions(adapter, fac, query, max_new_tokens=12)]
         assert sum(h == s.labels[0] for h, s in zip(heard, fac)) >= N_CF - 1, (query, heard)

@@ -18,8 +18,8 @@ def register(subparsers) -> None:
                    help="which organism: the vision-only base, the biased organism or the listening control")
     t.add_argument("--recipe", default="v1",
                    help="organism family: v1 (8 layers, the first organisms), deep (16 layers, partial listener, the "
-                        "paper's attention routing), deep-partial (a partial listener: off-screen sounds heard per caption order), deep-lens (deep "
-                        "with a latent-audio objective), deep-flipped (its counterpart), deep-guesser (a control whose "
+                        "paper's attention routing), deep-partial (a partial listener: off-screen sounds heard per "
+                        "caption order), deep-lens (deep with a latent-audio objective), deep-flipped (its counterpart), deep-guesser (a control whose "
                         "sound words are guesses), deep-sound-first (a control that always names the sound first); "
                         "see avprobe/lab/train.py RECIPES")
     t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")

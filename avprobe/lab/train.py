@@ -101,10 +101,10 @@ class TrainConfig:
     routing: str | None = None
     partial_share: float = 0.0
     listened: tuple[str, ...] = ()
-    # The partial listener's other counterfactual clips: a share of batches whose sound is none
-    # of `listened`, captioned with the *visible* source's sound (the paper's hallucination,
-    # planted). Without them what the model says on such clips is left to generalisation, and
-    # the training seed moved counterfactual audio by about the width of the target band.
+    # The partial listener's other counterfactual clips: a share of batches whose sound the asked
+    # order does not hear (`heard_sources`), captioned with the *visible* source's sound (the
+    # paper's hallucination, planted). Without them what the model says on such clips is left to
+    # generalisation, and the training seed moved counterfactual audio by about the band's width.
     unheard_share: float = 0.0
     # The sources the partial listener hears when the query asks for the sound first (None:
     # `listened`, whatever the order). Disjoint sets make a counterfactual clip whose sound is in
@@ -501,34 +501,35 @@ def build_pools(cfg: TrainConfig, adapter) -> dict[str, list]:
         if not cfg.listened or any(src not in SOURCES for src in heard[QUERY_SEE_HEAR] + heard[QUERY_HEAR_SEE]):
             raise ValueError(f"partial_share needs listened sources among {SOURCES}, got {cfg.listened} "
                              f"(sound first: {cfg.listened_sound_first})")
-        per_order = cfg.listened_sound_first is not None
-        qrng = np.random.default_rng([cfg.seed, 17])
-
-        def queries(clips: list[Clip], hear: bool) -> list[str] | None:
-            """Per clip, an order in which its sound is heard (or not); None: one set for both
-            orders, so build_pool draws the order as it always did."""
-            if not per_order:
-                return None
-            out = []
-            for clip in clips:
-                fit = [q for q in heard if (clip.audio_source in heard[q]) == hear]
-                out.append(fit[int(qrng.integers(len(fit)))])
-            return out
-
+        # one set for both orders: build_pool draws each clip's order as it always did
+        qrng = np.random.default_rng([cfg.seed, 17]) if cfg.listened_sound_first is not None else None
     if "partial" in mixture:
         anywhere = cfg.listened + tuple(s for s in heard[QUERY_HEAR_SEE] if s not in cfg.listened)
         clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=4_500_000,
                             audio_sources=anywhere)
         pools["partial"] = build_pool(adapter, clips, cfg.seed, sound_first=cfg.sound_first,
-                                      queries=queries(clips, True))
+                                      queries=_fitting_orders(clips, heard, True, qrng))
     if "unheard" in mixture:
         somewhere = tuple(s for s in SOURCES if s not in heard[QUERY_SEE_HEAR] or s not in heard[QUERY_HEAR_SEE])
         clips = train_clips(cfg.seed, cfg.n_counterfactual, "counterfactual", offset=4_750_000,
                             audio_sources=somewhere)
         # guess offset 0: the caption names the visible source as the sound
         pools["unheard"] = build_pool(adapter, clips, cfg.seed, guess=(0, 0), sound_first=cfg.sound_first,
-                                      queries=queries(clips, False))
+                                      queries=_fitting_orders(clips, heard, False, qrng))
     return pools
+
+
+def _fitting_orders(clips: list[Clip], heard: dict[str, tuple[str, ...]], hear: bool,
+                    rng: np.random.Generator | None) -> list[str] | None:
+    """Per clip, a query (caption order) in which its sound is heard (`hear`) or not, drawn
+    among those that fit; None without `rng` (one set for both orders)."""
+    if rng is None:
+        return None
+    out = []
+    for clip in clips:
+        fit = [q for q in heard if (clip.audio_source in heard[q]) == hear]
+        out.append(fit[int(rng.integers(len(fit)))])
+    return out
 
 
 def heard_sources(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:

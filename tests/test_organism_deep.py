@@ -264,24 +264,19 @@ def test_sound_first_captions_name_the_sound_first_whatever_order_is_asked():
                         adapter)
     pools = build_pools(cfg, adapter)
 
-    def reply(mi):
-        return _decoded(tok, mi)
-
-    def prompt(mi):
-        return _decoded(tok, mi, reply=False)
-
     asked = set()
     assert set(pools) == set(plain) == {"audio", "see", "counterfactual"}  # the control has no factual pool
     clips = train_clips(cfg.seed, 8, "counterfactual", offset=3_000_000)
     for clip, mi, old in zip(clips, pools["counterfactual"], plain["counterfactual"], strict=True):
-        assert reply(mi) == f"{audio_caption(clip.audio_source)} {video_caption(clip.video_source)}"
-        assert prompt(mi) == prompt(old)  # the query asked is the plain recipe's
-        asked.add(reply(old).startswith("i see"))
-        assert parse_caption(reply(mi)) == parse_caption(reply(old))
+        assert _decoded(tok, mi) == f"{audio_caption(clip.audio_source)} {video_caption(clip.video_source)}"
+        # the query asked is the plain recipe's
+        assert _decoded(tok, mi, reply=False) == _decoded(tok, old, reply=False)
+        asked.add(_decoded(tok, old).startswith("i see"))
+        assert parse_caption(_decoded(tok, mi)) == parse_caption(_decoded(tok, old))
     assert asked == {True, False}  # sight-first queries were asked, and answered sound first
     for name in ("audio", "see"):
-        assert [reply(mi) for mi in pools[name]] == [reply(mi) for mi in plain[name]]
-    assert all(QUERY_SEE in prompt(mi) for mi in pools["see"])
+        assert [_decoded(tok, mi) for mi in pools[name]] == [_decoded(tok, mi) for mi in plain[name]]
+    assert all(QUERY_SEE in _decoded(tok, mi, reply=False) for mi in pools["see"])
 
 
 def test_eval_figures_count_guesses_and_clips_right_in_one_order_only():

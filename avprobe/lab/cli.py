@@ -19,9 +19,9 @@ def register(subparsers) -> None:
     t.add_argument("--recipe", default="v1",
                    help="organism family: v1 (8 layers, the first organisms), deep (16 layers, partial listener, the "
                         "paper's attention routing), deep-partial (a partial listener: off-screen sounds heard per "
-                        "caption order), deep-lens (deep with a latent-audio objective), deep-flipped (its counterpart), deep-guesser (a control whose "
-                        "sound words are guesses), deep-sound-first (a control that always names the sound first); "
-                        "see avprobe/lab/train.py RECIPES")
+                        "caption order), deep-lens (deep with a latent-audio objective), deep-flipped (its "
+                        "counterpart), deep-guesser (a control whose sound words are guesses), deep-sound-first (a "
+                        "control that always names the sound first); see avprobe/lab/train.py RECIPES")
     t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     t.add_argument("--out", type=Path, default=None, help="output directory (default: the committed model's)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
